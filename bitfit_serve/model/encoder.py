@@ -1,0 +1,138 @@
+"""Functional BERT/RoBERTa forward over plain tensors, with per-row bias/gamma banks.
+
+Semantics, for every sequence i of a batch whose rows may belong to any mix of tasks:
+
+    out[i] = HF_model_with_task_values(rows[i])(input_ids[i])
+
+where every banked site is ``x[i] @ W.T + bank[rows[i]]`` (a gather, broadcast over positions)
+and every un-banked site uses the shared base vector. No loop over rows or tasks: one gather per
+banked site per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.activations import ACT2FN
+
+from bitfit_serve.model.banks import POOLING_CODES, BankView
+from bitfit_serve.model.base import BaseModel
+
+
+@dataclass(frozen=True)
+class EncoderBatch:
+    """One forward pass worth of sequences, right-padded."""
+
+    input_ids: torch.Tensor  # [B, T] long
+    attention_mask: torch.Tensor  # [B, T] long, 1 = token, 0 = padding
+    token_type_ids: torch.Tensor  # [B, T] long
+    rows: torch.Tensor  # [B] long, bank row (task version slot) per sequence
+    single_row: int | None = None  # set when every sequence uses the same row: enables fused bias adds
+
+
+class _Sites:
+    """Resolves a site name to the vector to add: [B, 1, D] per-row gather, or the shared [D]."""
+
+    def __init__(self, base: BaseModel, view: BankView, batch: EncoderBatch):
+        self._weights = base.weights
+        self._banks = view.sites
+        self._rows = batch.rows
+        self._single_row = batch.single_row
+
+    def __call__(self, name: str) -> torch.Tensor:
+        bank = self._banks.get(name)
+        if bank is None:
+            return self._weights[name]
+        if self._single_row is not None:
+            return bank[self._single_row]  # [D]: lets F.linear fuse the add
+        return bank.index_select(0, self._rows).unsqueeze(1)  # [B, 1, D]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x [B, T, in] -> [B, T, out]; ``bias`` is [out] (fused) or [B, 1, out] (per-row)."""
+    if bias.dim() == 1:
+        return F.linear(x, weight, bias)
+    return F.linear(x, weight).add_(bias)
+
+
+def _layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dim with per-row or shared gamma/beta."""
+    if gamma.dim() == 1 and beta.dim() == 1:
+        return F.layer_norm(x, x.shape[-1:], gamma, beta, eps)
+    return torch.addcmul(beta, F.layer_norm(x, x.shape[-1:], None, None, eps), gamma)
+
+
+def encode(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor:
+    """[B, T] token ids -> [B, T, H] final hidden states."""
+    cfg, w = base.config, base.weights
+    site = _Sites(base, view, batch)
+    eps = cfg.layer_norm_eps
+    B, T = batch.input_ids.shape
+    heads = cfg.num_attention_heads
+    head_dim = cfg.hidden_size // heads
+    act = ACT2FN[cfg.hidden_act]
+
+    position_ids = base.architecture.position_ids(batch.input_ids, cfg.pad_token_id)
+    x = (F.embedding(batch.input_ids, w["embeddings.word_embeddings.weight"])
+         + F.embedding(batch.token_type_ids, w["embeddings.token_type_embeddings.weight"])
+         + F.embedding(position_ids, w["embeddings.position_embeddings.weight"]))
+    x = _layer_norm(x, site("embeddings.LayerNorm.weight"), site("embeddings.LayerNorm.bias"), eps)
+
+    # [B, 1, 1, T] True = attend; SDPA broadcasts it over heads and query positions.
+    keep = batch.attention_mask.bool()[:, None, None, :]
+
+    def split_heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, heads, T, head_dim]
+        return t.view(B, T, heads, head_dim).transpose(1, 2)
+
+    for i in range(cfg.num_hidden_layers):
+        p = f"encoder.layer.{i}."
+        q = _linear(x, w[p + "attention.self.query.weight"], site(p + "attention.self.query.bias"))
+        k = _linear(x, w[p + "attention.self.key.weight"], site(p + "attention.self.key.bias"))
+        v = _linear(x, w[p + "attention.self.value.weight"], site(p + "attention.self.value.bias"))
+        ctx = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=keep)
+        ctx = ctx.transpose(1, 2).reshape(B, T, cfg.hidden_size)
+        attn = _linear(ctx, w[p + "attention.output.dense.weight"], site(p + "attention.output.dense.bias"))
+        x = _layer_norm(attn + x, site(p + "attention.output.LayerNorm.weight"),
+                        site(p + "attention.output.LayerNorm.bias"), eps)
+        h = act(_linear(x, w[p + "intermediate.dense.weight"], site(p + "intermediate.dense.bias")))
+        h = _linear(h, w[p + "output.dense.weight"], site(p + "output.dense.bias"))
+        x = _layer_norm(h + x, site(p + "output.LayerNorm.weight"), site(p + "output.LayerNorm.bias"), eps)
+    return x
+
+
+def pool(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B, H], each row pooled the way its task was trained (pooler / cls / mean)."""
+    codes = view.pooling.index_select(0, batch.rows)  # [B]
+    cls = hidden[:, 0]
+    mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+    pooled = torch.where((codes == POOLING_CODES["mean"]).unsqueeze(1), mean, cls)
+    uses_pooler = codes == POOLING_CODES["pooler"]
+    if "pooler.dense.weight" in base.weights and bool(uses_pooler.any()):
+        site = _Sites(base, view, batch)
+        dense = torch.tanh(_linear(cls.unsqueeze(1), base.weights["pooler.dense.weight"],
+                                   site("pooler.dense.bias")).squeeze(1))
+        pooled = torch.where(uses_pooler.unsqueeze(1), dense, pooled)
+    return pooled
+
+
+def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor) -> torch.Tensor:
+    """[B, H] -> [B, C_max] logits: out[i] = head_w[rows[i]] @ pooled[i] + head_b[rows[i]].
+
+    Columns beyond a row's label count are -inf, so softmax over the padded width is exact.
+    """
+    weight = view.head_weight.index_select(0, rows)  # [B, C_max, H]
+    bias = view.head_bias.index_select(0, rows)  # [B, C_max]
+    logits = torch.baddbmm(bias.unsqueeze(-1), weight, pooled.unsqueeze(-1)).squeeze(-1)
+    columns = torch.arange(logits.shape[1], device=logits.device)
+    valid = columns.unsqueeze(0) < view.num_labels.index_select(0, rows).unsqueeze(1)
+    return logits.masked_fill(~valid, float("-inf"))
+
+
+@torch.inference_mode()
+def forward(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor:
+    """Token ids -> [B, C_max] logits, each row through its own task's values and head."""
+    hidden = encode(base, view, batch)
+    return classify(view, batch.rows, pool(base, view, batch, hidden))

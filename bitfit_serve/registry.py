@@ -1,0 +1,114 @@
+"""Task name -> current version, with in-flight reference counts so rows are freed only when idle.
+
+Replace = the new version is written into its own row first, then the name's pointer is swapped
+under the lock; the old row is retired and returned to the banks once no batch holds it. A request
+acquires its version once, so it is served wholly by one version.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+from bitfit_serve.errors import UnknownTask
+
+
+@dataclass(frozen=True)
+class TaskVersion:
+    """What serving needs to know about one loaded task version (its tensors live in the banks)."""
+
+    task: str
+    version: str  # first 16 hex digits of the delta file's sha256
+    sha256: str
+    row: int
+    labels: tuple[str, ...]
+    problem_type: str
+    pooling: str
+    inputs: tuple[str, ...]
+    max_length: int
+    scheme: str
+    sites: tuple[str, ...]
+    nbytes: int  # fp32 bytes of the trained values
+    base_model: str
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+    train_args: Mapping[str, Any] = field(default_factory=dict)
+    created_at: str = ""
+    trainer_version: str = ""
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def is_pair_task(self) -> bool:
+        return len(self.inputs) == 2
+
+
+class TaskRegistry:
+    def __init__(self, free_row: Callable[[int], None]):
+        self._free_row = free_row
+        self._lock = threading.Lock()
+        self._current: dict[str, TaskVersion] = {}
+        self._in_flight: Counter[int] = Counter()
+        self._retired: set[int] = set()
+
+    def __contains__(self, task: str) -> bool:
+        return task in self._current
+
+    def __len__(self) -> int:
+        return len(self._current)
+
+    def get(self, task: str) -> TaskVersion:
+        try:
+            return self._current[task]
+        except KeyError:
+            raise UnknownTask(f"unknown task {task!r}") from None
+
+    def list(self) -> list[TaskVersion]:
+        return sorted(self._current.values(), key=lambda v: v.task)
+
+    def publish(self, version: TaskVersion) -> TaskVersion | None:
+        """Make ``version`` current for its task; returns the version it replaced, if any."""
+        with self._lock:
+            old = self._current.get(version.task)
+            self._current[version.task] = version
+            if old is not None:
+                self._retire(old.row)
+            return old
+
+    def unpublish(self, task: str) -> TaskVersion:
+        with self._lock:
+            old = self._current.pop(task, None)
+            if old is None:
+                raise UnknownTask(f"unknown task {task!r}")
+            self._retire(old.row)
+            return old
+
+    def acquire(self, tasks: Iterable[str]) -> list[TaskVersion]:
+        """Pin the current version of each task (duplicates allowed); all-or-nothing."""
+        with self._lock:
+            versions = []
+            for task in tasks:
+                version = self._current.get(task)
+                if version is None:
+                    raise UnknownTask(f"unknown task {task!r}")
+                versions.append(version)
+            self._in_flight.update(v.row for v in versions)
+            return versions
+
+    def release(self, versions: Iterable[TaskVersion]) -> None:
+        with self._lock:
+            for v in versions:
+                self._in_flight[v.row] -= 1
+                if self._in_flight[v.row] <= 0:
+                    del self._in_flight[v.row]
+                    if v.row in self._retired:
+                        self._retired.discard(v.row)
+                        self._free_row(v.row)
+
+    def _retire(self, row: int) -> None:
+        if self._in_flight[row] > 0:
+            self._retired.add(row)
+        else:
+            self._in_flight.pop(row, None)
+            self._free_row(row)
