@@ -107,7 +107,7 @@ def random_delta(model_dir: Path | None, task: str, *, sites: Iterable[str] | st
         labels = tuple(f"label_{i}" for i in range(num_labels))
     return Delta(
         task=task, sites=values,
-        head_weight=torch.randn(num_labels, hidden, generator=g),
+        head_weight=torch.randn(num_labels, hidden, generator=g) / hidden ** 0.5,  # logits O(1), like a trained head
         head_bias=torch.randn(num_labels, generator=g),
         labels=labels, problem_type=problem_type, pooling=pooling,
         base_fingerprint=fingerprint_of(hf_base), architecture=hf_base.config.model_type,

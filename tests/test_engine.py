@@ -1,0 +1,82 @@
+"""Engine task lifecycle: add / remove / re-add reuse rows without leaking into other tasks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bitfit_serve import Engine
+from bitfit_serve.errors import InvalidInput, UnknownTask
+from bitfit_serve.model.base import load_hf_base
+from tests.factories import SENTENCES, random_delta
+from tests.reference import reference_logits
+
+
+def _logits(engine: Engine, task: str, texts):
+    v = engine.registry.get(task)
+    return engine.forward(engine.collate(engine.tokenize(v, texts), [v.row] * len(texts)))[:, : len(v.labels)]
+
+
+def test_add_remove_readd_reuses_rows_without_leaking(tiny_bert_dir):
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir, initial_capacity=2)
+    a = random_delta(tiny_bert_dir, "a", sites="all", num_labels=4, pooling="pooler", hf_base=hf)
+    b = random_delta(tiny_bert_dir, "b", sites="gammas", seed=1, hf_base=hf)
+    c = random_delta(tiny_bert_dir, "c", sites=["encoder.layer.0.output.dense.bias"], seed=2, hf_base=hf)
+    texts = SENTENCES[:4]
+    row_a = engine.add_task(a).row
+    engine.add_task(b)
+    b_before = _logits(engine, "b", texts)
+
+    engine.remove_task("a")
+    with pytest.raises(UnknownTask):
+        engine.predict([("a", "x")])
+    assert engine.add_task(c).row == row_a  # c reuses a's row ...
+    # ... and sees none of a's values (a trained every site, c only one) nor a's wider head
+    torch.testing.assert_close(_logits(engine, "c", texts), reference_logits(tiny_bert_dir, c, texts), atol=1e-5, rtol=0)
+    assert torch.equal(_logits(engine, "b", texts), b_before)
+
+    engine.add_task(a)  # re-add under the same name
+    torch.testing.assert_close(_logits(engine, "a", texts), reference_logits(tiny_bert_dir, a, texts), atol=1e-5, rtol=0)
+    assert {v.task for v in engine.tasks()} == {"a", "b", "c"}
+
+
+def test_replace_swaps_version_and_frees_old_row_when_idle(tiny_bert_dir):
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir)
+    v1 = engine.add_task(random_delta(tiny_bert_dir, "t", seed=1, hf_base=hf))
+    pinned = engine.registry.acquire(["t"])  # a batch in flight on v1
+    v2 = engine.add_task(random_delta(tiny_bert_dir, "t", seed=2, hf_base=hf))
+    assert v2.version != v1.version and v2.row != v1.row
+    assert engine.predict([("t", "hello")])[0].version == v2.version
+    assert engine.banks.rows_in_use == 2  # v1's row still held by the in-flight batch
+    engine.registry.release(pinned)
+    assert engine.banks.rows_in_use == 1
+
+
+def test_predict_rejects_wrong_input_shape(tiny_bert_dir):
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir)
+    engine.add_task(random_delta(tiny_bert_dir, "single", hf_base=hf))
+    engine.add_task(random_delta(tiny_bert_dir, "pair", inputs=("premise", "hypothesis"), hf_base=hf))
+    with pytest.raises(InvalidInput, match="takes text pairs"):
+        engine.predict([("pair", "just one text")])
+    with pytest.raises(InvalidInput, match="not a pair"):
+        engine.predict([("single", ("a", "b"))])
+    assert engine.registry._in_flight == {}, "a failed predict must release its pins"
+
+
+def test_truncates_to_task_max_length(tiny_bert_dir):
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir)
+    v = engine.add_task(random_delta(tiny_bert_dir, "short", max_length=6, hf_base=hf))
+    (enc,) = engine.tokenize(v, [" ".join(["word"] * 50)])
+    assert len(enc) == 6
+
+
+def test_reports_bank_bytes(tiny_bert_dir):
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir, initial_capacity=4)
+    assert engine.bank_bytes > 0
+    engine.add_task(random_delta(tiny_bert_dir, "t", sites="biases", hf_base=hf))
+    assert engine.bytes_per_task * engine.banks.capacity == engine.bank_bytes

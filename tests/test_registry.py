@@ -1,0 +1,49 @@
+"""Versions are pinned while in flight: a replaced or removed task's row is freed only when idle."""
+
+from __future__ import annotations
+
+import pytest
+
+from bitfit_serve.errors import UnknownTask
+from bitfit_serve.registry import TaskRegistry, TaskVersion
+
+
+def _version(task: str, row: int) -> TaskVersion:
+    return TaskVersion(task=task, version=f"v{row}", sha256="0" * 64, row=row, labels=("a", "b"),
+                       problem_type="single_label_classification", pooling="mean", inputs=("text",),
+                       max_length=8, scheme="bitfit", sites=(), nbytes=0, base_model="")
+
+
+def test_replace_frees_old_row_only_after_release():
+    freed = []
+    reg = TaskRegistry(free_row=freed.append)
+    reg.publish(_version("t", 1))
+    pinned = reg.acquire(["t", "t"])
+    reg.publish(_version("t", 2))
+    assert reg.get("t").row == 2 and freed == []
+    reg.release(pinned[:1])
+    assert freed == []
+    reg.release(pinned[1:])
+    assert freed == [1]
+
+
+def test_remove_idle_task_frees_at_once_and_unknown_raises():
+    freed = []
+    reg = TaskRegistry(free_row=freed.append)
+    reg.publish(_version("t", 1))
+    reg.unpublish("t")
+    assert freed == [1] and "t" not in reg
+    with pytest.raises(UnknownTask):
+        reg.unpublish("t")
+    with pytest.raises(UnknownTask):
+        reg.acquire(["t"])
+
+
+def test_acquire_is_all_or_nothing():
+    freed = []
+    reg = TaskRegistry(free_row=freed.append)
+    reg.publish(_version("a", 1))
+    with pytest.raises(UnknownTask, match="'b'"):
+        reg.acquire(["a", "b"])
+    reg.unpublish("a")
+    assert freed == [1], "a failed acquire must not leave a pin behind"
