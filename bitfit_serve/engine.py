@@ -158,6 +158,7 @@ class Engine:
             input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device),
             rows=torch.tensor(list(rows), dtype=torch.long, device=device),
             single_row=rows[0] if len(set(rows)) == 1 else None,
+            has_padding=any(len(e) < width for e in encoded),
         )
 
     def forward(self, batch: EncoderBatch) -> torch.Tensor:

@@ -86,6 +86,21 @@ def fingerprint_of(hf_base_model: torch.nn.Module) -> str:
     return base_fingerprint({name: p.detach() for name, p in hf_base_model.named_parameters()})
 
 
+QKV_WEIGHT = "attention.self.qkv.weight"  # per layer: query, key, value weights stacked [3H, H]
+
+
+def _fuse_qkv(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> dict[str, torch.Tensor]:
+    """Stack each layer's query/key/value weights so attention runs one matmul instead of three.
+
+    The separate weights are dropped (the biases stay: they are sites)."""
+    fused = dict(tensors)
+    for i in range(config.num_hidden_layers):
+        p = f"encoder.layer.{i}.attention.self."
+        fused[f"encoder.layer.{i}.{QKV_WEIGHT}"] = torch.cat(
+            [fused.pop(p + "query.weight"), fused.pop(p + "key.weight"), fused.pop(p + "value.weight")])
+    return fused
+
+
 def load_base(path: str | Path | None = None, device: str | torch.device = "cpu",
               dtype: str | torch.dtype = "float32") -> BaseModel:
     device, dtype = torch.device(device), parse_dtype(dtype)
@@ -93,7 +108,7 @@ def load_base(path: str | Path | None = None, device: str | torch.device = "cpu"
     architecture = architecture_for(config.model_type)
     tensors = {name: p.detach() for name, p in hf_model.named_parameters()}
     fingerprint = base_fingerprint(tensors)
-    weights = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in tensors.items()}
+    weights = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in _fuse_qkv(tensors, config).items()}
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return BaseModel(
         path=str(path),

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from bitfit_serve.model.banks import POOLING_CODES, BankView
-from bitfit_serve.model.base import BaseModel
+from bitfit_serve.model.base import QKV_WEIGHT, BaseModel
 
 
 @dataclass(frozen=True)
@@ -30,6 +30,7 @@ class EncoderBatch:
     token_type_ids: torch.Tensor  # [B, T] long
     rows: torch.Tensor  # [B] long, bank row (task version slot) per sequence
     single_row: int | None = None  # set when every sequence uses the same row: enables fused bias adds
+    has_padding: bool = True  # False when every sequence fills T: attention then needs no mask
 
 
 class _Sites:
@@ -48,6 +49,14 @@ class _Sites:
         if self._single_row is not None:
             return bank[self._single_row]  # [D]: lets F.linear fuse the add
         return bank.index_select(0, self._rows).unsqueeze(1)  # [B, 1, D]
+
+    def cat(self, names: list[str]) -> torch.Tensor:
+        """Several sites side by side, as one bias for a fused matmul: [sum D] or [B, 1, sum D]."""
+        parts = [self(n) for n in names]
+        if all(t.dim() == 1 for t in parts):
+            return torch.cat(parts)
+        batch = self._rows.shape[0]
+        return torch.cat([t.expand(batch, 1, -1) if t.dim() == 1 else t for t in parts], dim=-1)
 
 
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -80,17 +89,18 @@ def encode(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor
          + F.embedding(position_ids, w["embeddings.position_embeddings.weight"]))
     x = _layer_norm(x, site("embeddings.LayerNorm.weight"), site("embeddings.LayerNorm.bias"), eps)
 
-    # [B, 1, 1, T] True = attend; SDPA broadcasts it over heads and query positions.
-    keep = batch.attention_mask.bool()[:, None, None, :]
+    # [B, 1, 1, T] True = attend; SDPA broadcasts it over heads and query positions. Without
+    # padding no mask is needed, which lets SDPA pick its fastest kernel.
+    keep = batch.attention_mask.bool()[:, None, None, :] if batch.has_padding else None
 
     def split_heads(t: torch.Tensor) -> torch.Tensor:  # [B, T, H] -> [B, heads, T, head_dim]
-        return t.view(B, T, heads, head_dim).transpose(1, 2)
+        return t.unflatten(-1, (heads, head_dim)).transpose(1, 2)
 
     for i in range(cfg.num_hidden_layers):
         p = f"encoder.layer.{i}."
-        q = _linear(x, w[p + "attention.self.query.weight"], site(p + "attention.self.query.bias"))
-        k = _linear(x, w[p + "attention.self.key.weight"], site(p + "attention.self.key.bias"))
-        v = _linear(x, w[p + "attention.self.value.weight"], site(p + "attention.self.value.bias"))
+        qkv_bias = site.cat([p + "attention.self.query.bias", p + "attention.self.key.bias",
+                             p + "attention.self.value.bias"])
+        q, k, v = _linear(x, w[p + QKV_WEIGHT], qkv_bias).split(cfg.hidden_size, dim=-1)
         ctx = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=keep)
         ctx = ctx.transpose(1, 2).reshape(B, T, cfg.hidden_size)
         attn = _linear(ctx, w[p + "attention.output.dense.weight"], site(p + "attention.output.dense.bias"))
