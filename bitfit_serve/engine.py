@@ -120,10 +120,13 @@ class Engine:
             raise delta_io.InvalidDelta(f"cannot read delta file {source}: {e.strerror}") from e
 
     # ------------------------------------------------------------------ building blocks
-    def tokenize(self, version: TaskVersion, inputs: Sequence[TextInput]) -> list[EncodedInput]:
-        """Check each input's shape against the task (text vs pair) and tokenize in one call."""
+    def tokenize(self, version: TaskVersion, inputs: Sequence[TextInput],
+                 positions: Sequence[int] | None = None) -> list[EncodedInput]:
+        """Check each input's shape against the task (text vs pair) and tokenize in one call.
+
+        ``positions`` are the inputs' indices in the caller's request, for error messages."""
         firsts, seconds = [], []
-        for i, item in enumerate(inputs):
+        for i, item in zip(positions or range(len(inputs)), inputs):
             if version.is_pair_task:
                 if isinstance(item, str) or not isinstance(item, Sequence) or len(item) != 2 \
                         or not all(isinstance(s, str) for s in item):
@@ -185,7 +188,7 @@ class Engine:
         items = list(items)
         versions = self.registry.acquire(task for task, _ in items)
         try:
-            encoded = [self.tokenize(v, [text])[0] for v, (_, text) in zip(versions, items)]
+            encoded = self._tokenize_mixed(versions, [text for _, text in items])
             order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
             results: list[Prediction | None] = [None] * len(items)
             for start in range(0, len(order), max_batch_size):
@@ -196,6 +199,18 @@ class Engine:
             return results  # type: ignore[return-value]
         finally:
             self.registry.release(versions)
+
+    def _tokenize_mixed(self, versions: Sequence[TaskVersion], inputs: Sequence[TextInput]) -> list[EncodedInput]:
+        """Tokenize items of many tasks with one tokenizer call per task, keeping item order."""
+        by_row: dict[int, list[int]] = {}
+        for i, v in enumerate(versions):
+            by_row.setdefault(v.row, []).append(i)
+        encoded: list[EncodedInput | None] = [None] * len(inputs)
+        for idx in by_row.values():
+            group = self.tokenize(versions[idx[0]], [inputs[i] for i in idx], positions=idx)
+            for i, enc in zip(idx, group):
+                encoded[i] = enc
+        return encoded  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ stats
     @property
