@@ -1,0 +1,268 @@
+"""Dynamic batcher: requests of all tasks merged into token-budgeted, length-sorted batches, one
+forward per batch on a single inference thread. The event loop never runs the model.
+
+Life of a request (one HTTP call, any number of tasks):
+
+1. admission, on the event loop: if the sequences waiting plus this request's exceed
+   ``max_queue``, raise Overloaded (503 + Retry-After) at once, before any work;
+2. ``registry.acquire`` pins the current version of every task once, so the whole request is
+   served by those versions even if a task is replaced meanwhile (its row is not freed while
+   pinned); UnknownTask here is a 404;
+3. tokenization in a one-thread pool (the fast tokenizer's truncation state is not safe to share
+   between threads), then its sequences join the queue;
+4. the inference thread takes a window of the oldest sequences, sorts it by length and cuts it
+   into batches of at most ``max_batch_tokens`` padded tokens (sequences x longest) and
+   ``max_batch_requests`` sequences, tasks mixed freely; one ``engine.forward`` per batch;
+5. each request's future resolves when its last sequence is done; its versions are released then
+   (also if the client went away), never earlier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Sequence
+
+from bitfit_serve.engine import EncodedInput, Engine, Prediction, TextInput
+from bitfit_serve.errors import InvalidInput, NotReady, Overloaded
+from bitfit_serve.metrics import Metrics
+from bitfit_serve.registry import TaskVersion
+
+log = logging.getLogger(__name__)
+
+# The worker looks at most this many batches' worth of the queue at once: enough to sort lengths
+# into well-filled batches, small enough that a sequence waits a bounded number of batches.
+WINDOW_BATCHES = 4
+
+Group = tuple[str, Sequence[TextInput]]  # (task, inputs): one task's part of a request
+
+
+@dataclass(eq=False)
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    versions: list[TaskVersion]  # one per sequence, pinned at admission
+    group_sizes: list[int]
+    results: list[Prediction | None]
+    remaining: int  # sequences not yet answered or dropped; touched by the worker thread only
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class _Seq:
+    request: _Request
+    index: int  # position in request.results
+    encoded: EncodedInput
+    version: TaskVersion
+
+    def __len__(self) -> int:
+        return len(self.encoded)
+
+
+@dataclass
+class _State:
+    queue: deque[_Seq] = field(default_factory=deque)
+    depth: int = 0  # sequences admitted and not yet taken into a batch (including tokenizing ones)
+    stopping: bool = False
+    exited: bool = False
+
+
+class Batcher:
+    def __init__(self, engine: Engine, *, max_batch_tokens: int, max_batch_requests: int, max_queue: int,
+                 retry_after_s: int = 1, metrics: Metrics | None = None):
+        self.engine = engine
+        self.max_batch_tokens = max_batch_tokens
+        self.max_batch_requests = max_batch_requests
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.metrics = metrics
+        self._cond = threading.Condition()
+        self._state = _State()
+        self._thread = threading.Thread(target=self._run, name="bitfit-inference", daemon=True)
+        self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="bitfit-tokenize")
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Admit nothing new, let the worker finish what is queued, then stop it."""
+        with self._cond:
+            self._state.stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._tokenizer.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def alive(self) -> bool:
+        """The inference worker runs and admits work (readiness)."""
+        return self._thread.is_alive() and not self._state.stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return self._state.depth
+
+    # ------------------------------------------------------------------ event-loop side
+    async def submit(self, groups: Sequence[Group]) -> list[list[Prediction]]:
+        """Run every group's inputs on its task; returns the predictions per group, in order."""
+        n = sum(len(inputs) for _, inputs in groups)
+        if n == 0:
+            return [[] for _ in groups]
+        with self._cond:
+            if self._state.stopping or self._state.exited:
+                raise NotReady("the inference worker is not running")
+            if self._state.depth + n > self.max_queue:
+                raise Overloaded(f"the queue is full ({self._state.depth} of max_queue={self.max_queue} "
+                                 f"sequences waiting); retry after {self.retry_after_s} s",
+                                 retry_after=self.retry_after_s)
+            self._state.depth += n
+        loop = asyncio.get_running_loop()
+        request = None
+        try:
+            versions = self.engine.registry.acquire(task for task, inputs in groups for _ in inputs)
+            try:
+                encoded = await loop.run_in_executor(self._tokenizer, self._tokenize, versions, groups)
+                request = _Request(loop, loop.create_future(), versions, [len(i) for _, i in groups],
+                                   [None] * n, n)
+                with self._cond:
+                    if self._state.stopping or self._state.exited:
+                        raise NotReady("the inference worker is not running")
+                    self._state.queue.extend(_Seq(request, i, e, v)
+                                             for i, (e, v) in enumerate(zip(encoded, versions)))
+                    self._cond.notify()
+            except BaseException:
+                request = None
+                self.engine.registry.release(versions)
+                raise
+        finally:
+            if request is None:
+                with self._cond:
+                    self._state.depth -= n
+        return await request.future
+
+    def _tokenize(self, versions: list[TaskVersion], groups: Sequence[Group]) -> list[EncodedInput]:
+        """One tokenizer call per group; errors name the item when the request has several."""
+        encoded: list[EncodedInput] = []
+        for k, (_, inputs) in enumerate(groups):
+            if not inputs:
+                continue
+            try:
+                encoded.extend(self.engine.tokenize(versions[len(encoded)], inputs))
+            except InvalidInput as e:
+                raise InvalidInput(f"items[{k}].{e.message}" if len(groups) > 1 else e.message) from None
+        return encoded
+
+    # ------------------------------------------------------------------ inference thread
+    def _run(self) -> None:
+        planned: list[list[_Seq]] = []
+        try:
+            while True:
+                window = self._take_window()
+                if window is None:
+                    return
+                planned = self._plan(window)
+                while planned:
+                    self._run_batch(planned[0])
+                    planned.pop(0)
+        finally:
+            # Reached on stop, or if the worker dies: nobody may wait forever on a dead worker.
+            with self._cond:
+                self._state.exited = True
+                leftovers = [*(s for batch in planned for s in batch), *self._state.queue]
+                self._state.queue.clear()
+                self._state.depth = 0
+            error = NotReady("the inference worker stopped")
+            for seq in leftovers:
+                self._account(seq, error=error)
+
+    def _take_window(self) -> list[_Seq] | None:
+        with self._cond:
+            while not self._state.queue and not self._state.stopping:
+                self._cond.wait()
+            if not self._state.queue:
+                return None
+            k = min(len(self._state.queue), self.max_batch_requests * WINDOW_BATCHES)
+            window = [self._state.queue.popleft() for _ in range(k)]
+            self._state.depth -= k
+            return window
+
+    def _plan(self, window: list[_Seq]) -> list[list[_Seq]]:
+        """Drop sequences nobody waits for, sort by length, cut by token budget and sequence cap."""
+        live = []
+        for seq in window:
+            if seq.request.future.cancelled() or seq.request.error is not None:
+                self._account(seq)
+            else:
+                live.append(seq)
+        live.sort(key=len)
+        batches: list[list[_Seq]] = []
+        current: list[_Seq] = []
+        for seq in live:
+            # Sorted ascending, so this sequence is the longest: the padded cost is len * count.
+            if current and (len(seq) * (len(current) + 1) > self.max_batch_tokens
+                            or len(current) == self.max_batch_requests):
+                batches.append(current)
+                current = []
+            current.append(seq)
+        if current:
+            batches.append(current)
+        return batches
+
+    def _run_batch(self, batch: list[_Seq]) -> None:
+        engine = self.engine
+        start = time.perf_counter()
+        try:
+            logits = engine.forward(engine.collate([s.encoded for s in batch], [s.version.row for s in batch]))
+            predictions = [engine.postprocess(s.version, logits[i]) for i, s in enumerate(batch)]
+        except Exception as e:  # a bug or an OOM fails this batch's requests, not the worker
+            log.exception("forward failed for a batch of %d sequences", len(batch))
+            for seq in batch:
+                self._account(seq, error=e)
+            return
+        if self.metrics is not None:
+            self.metrics.forward_seconds.observe(time.perf_counter() - start)
+            self.metrics.batch_size.observe(len(batch))
+            self.metrics.batch_tokens.observe(len(batch[-1]) * len(batch))
+        for seq, prediction in zip(batch, predictions):
+            self._account(seq, prediction=prediction)
+
+    def _account(self, seq: _Seq, prediction: Prediction | None = None, error: BaseException | None = None) -> None:
+        """Record one sequence's outcome; the first error answers the request at once, the versions
+        are released when its last sequence is accounted for."""
+        request = seq.request
+        if error is not None and request.error is None:
+            request.error = error
+            _settle(request)
+        if prediction is not None:
+            request.results[seq.index] = prediction
+        request.remaining -= 1
+        if request.remaining == 0:
+            self.engine.registry.release(request.versions)
+            if request.error is None:
+                _settle(request)
+
+
+def _settle(request: _Request) -> None:
+    """Resolve the request's future on its own event loop."""
+    def settle() -> None:
+        if request.future.done():  # cancelled: the client went away
+            return
+        if request.error is not None:
+            request.future.set_exception(request.error)
+            return
+        out, start = [], 0
+        for size in request.group_sizes:
+            out.append(request.results[start:start + size])
+            start += size
+        request.future.set_result(out)
+
+    try:
+        request.loop.call_soon_threadsafe(settle)
+    except RuntimeError:  # the loop is closed: nobody is waiting any more
+        pass
