@@ -126,3 +126,18 @@ def test_real_minilm_mixed_batch_equals_hf():
                                problem_type="regression", pooling="mean", inputs=("a", "b"), seed=9,
                                scale=0.05, hf_base=hf_base))
     _check_mixed_batch(model_dir, deltas, engine, rows_per_task=2)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_half_precision_engine_runs_and_stays_close(tiny_bert_dir, dtype):
+    """GPU dtypes are selectable; on CPU they run too and stay near the fp32 reference."""
+    _, _, hf_base = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir, dtype=dtype)
+    assert all(t.dtype == getattr(torch, dtype) for t in engine.base.weights.values())
+    d = random_delta(tiny_bert_dir, "half", sites="all", num_labels=3, pooling="pooler", hf_base=hf_base)
+    v = engine.add_task(d)
+    assert engine.banks.view().head_weight.dtype == getattr(torch, dtype)
+    batch = engine.collate(engine.tokenize(v, SENTENCES[:4]), [v.row, 0, v.row, v.row])
+    logits = engine.forward(batch)[[0, 2, 3], :3]
+    expected = reference_logits(tiny_bert_dir, d, [SENTENCES[0], SENTENCES[2], SENTENCES[3]])
+    torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
