@@ -1,0 +1,106 @@
+"""Data readers: GLUE quirks (row counts from the GLUE folder's README), user files, HF folders."""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from trainer.data import GLUE, from_records, glue_task_name, load_files, load_glue, load_hf_folder, read_tsv, subsample
+
+GLUE_DIR = Path(os.environ.get("GLUE_DIR", Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"))
+needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "dev.tsv").is_file(), reason="GLUE data not available")
+
+# (train rows, dev rows, class balance of dev) as verified in the GLUE folder's README.
+README_COUNTS = {"sst2": (67349, 872), "rte": (2490, 277), "mrpc": (3668, 408), "cola": (8551, 1043),
+                 "stsb": (5749, 1500), "wnli": (635, 71)}
+
+
+@needs_glue
+@pytest.mark.parametrize("task", sorted(README_COUNTS))
+def test_glue_row_counts(task):
+    data = load_glue(task, GLUE_DIR)
+    assert (len(data.train), len(data.dev)) == README_COUNTS[task]
+    assert all(len(e.texts) == len(data.inputs) for e in data.train + data.dev)
+
+
+@needs_glue
+def test_glue_label_balance_matches_readme():
+    dev = {t: load_glue(t, GLUE_DIR).dev for t in ("sst2", "rte", "mrpc", "cola", "wnli")}
+    positive = lambda examples, cls: sum(e.label == cls for e in examples)  # noqa: E731
+    assert positive(dev["sst2"], 1) == 444
+    assert positive(dev["rte"], 0) == 146  # class 0 = entailment
+    assert positive(dev["mrpc"], 1) == 279
+    assert positive(dev["cola"], 1) == 721
+    assert positive(dev["wnli"], 1) == 31
+    scores = [e.label for e in load_glue("STS-B", GLUE_DIR).train]
+    assert min(scores) >= 0.0 and max(scores) <= 5.0
+
+
+@needs_glue
+def test_cola_has_no_header_and_mrpc_bom_is_stripped():
+    first = read_tsv(GLUE_DIR / "CoLA" / "train.tsv", header=False)[0]
+    assert first[1] in ("0", "1")  # a data row, not a header
+    assert len(load_glue("cola", GLUE_DIR).train) == 8551  # the first row is kept
+    with open(GLUE_DIR / "MRPC" / "train.tsv", encoding="utf-8-sig") as f:
+        assert f.readline().startswith("Quality")
+    assert all(e.label in (0, 1) for e in load_glue("mrpc", GLUE_DIR).dev)
+
+
+def test_quote_none_keeps_unbalanced_quotes(tmp_path):
+    folder = tmp_path / "SST-2"
+    folder.mkdir()
+    rows = "sentence\tlabel\n\"a film that \tn\n\"quoted\" twice\t1\nplain\t0\n"
+    (folder / "train.tsv").write_text(rows.replace("\tn\n", "\t1\n"))
+    (folder / "dev.tsv").write_text("sentence\tlabel\nok\t1\n")
+    data = load_glue("SST-2", tmp_path)
+    assert [e.texts[0] for e in data.train] == ['"a film that ', '"quoted" twice', "plain"]
+    assert [e.label for e in data.train] == [1, 1, 0]
+
+
+def test_task_names():
+    assert [glue_task_name(t) for t in ("SST-2", "sst2", "STS-B", "CoLA", "rte")] == ["sst2", "sst2", "stsb", "cola", "rte"]
+    assert set(GLUE) == {"sst2", "cola", "mrpc", "rte", "stsb", "wnli"}
+    with pytest.raises(ValueError, match="unknown GLUE task"):
+        glue_task_name("qqp")
+
+
+def test_user_csv_and_jsonl(tmp_path):
+    (tmp_path / "train.csv").write_text('review,stars\n"great, really",pos\nbad,neg\nok,pos\n')
+    (tmp_path / "dev.jsonl").write_text(json.dumps({"review": "meh", "stars": "neg"}) + "\n")
+    data = load_files("reviews", tmp_path / "train.csv", tmp_path / "dev.jsonl", ["review"], "stars")
+    assert data.labels == ("neg", "pos") and data.inputs == ("review",)
+    assert data.train[0].texts == ("great, really",) and data.train[0].label == 1
+    assert data.dev[0].label == 0
+    with pytest.raises(ValueError, match="not one of"):
+        from_records("x", [{"t": "a", "y": "p"}, {"t": "b", "y": "n"}], [{"t": "c", "y": "z"}], ["t"], "y")
+    with pytest.raises(ValueError, match="missing field"):
+        from_records("x", [{"t": "a"}], [], ["t"], "y")
+
+
+def test_user_pairs_regression():
+    rows = [{"a": "x", "b": "y", "s": "1.5"}, {"a": "p", "b": "q", "s": 4}]
+    data = from_records("sim", rows, rows, ["a", "b"], "s", regression=True)
+    assert data.problem_type == "regression" and data.labels == ("score",) and data.metric == "spearman"
+    assert data.train[1] .texts == ("p", "q") and data.train[1].label == 4.0
+
+
+def test_hf_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["neg", "pos"])})
+    dd = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"text": ["good", "bad"], "label": [1, 0]}, features=features),
+        "validation": datasets.Dataset.from_dict({"text": ["fine"], "label": [1]}, features=features)})
+    dd.save_to_disk(str(tmp_path / "ds"))
+    data = load_hf_folder("hf", tmp_path / "ds", ["text"], "label")
+    assert data.labels == ("neg", "pos")
+    assert [e.label for e in data.train] == [1, 0] and data.dev[0].texts == ("fine",)
+
+
+def test_subsample_is_seeded():
+    rows = [{"t": str(i), "y": str(i % 2)} for i in range(100)]
+    data = from_records("x", rows, rows[:3], ["t"], "y")
+    a, b, c = subsample(data, 10, 0), subsample(data, 10, 0), subsample(data, 10, 1)
+    assert len(a.train) == 10 and a.train == b.train and a.train != c.train and a.dev == data.dev
+    assert subsample(data, None, 0) is data

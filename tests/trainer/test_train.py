@@ -1,0 +1,239 @@
+"""End-to-end on tiny random checkpoints: train a few steps, export, serve, compare at 1e-5."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModel
+from typer.testing import CliRunner
+
+from bitfit_serve import Engine
+from bitfit_serve import delta as delta_io
+from bitfit_serve.errors import InvalidDelta
+from tests.factories import SENTENCES
+from trainer import export
+from trainer.cli import app
+from trainer.data import from_records
+from trainer.train import TrainArgs, collate, encode, train
+
+PAIRS = [(a, b) for a, b in zip(SENTENCES, SENTENCES[1:] + SENTENCES[:1])]
+
+
+def _single(n=24):
+    rows = [{"text": SENTENCES[i % len(SENTENCES)] + " " * (i // len(SENTENCES)), "label": "pos" if i % 3 else "neg"}
+            for i in range(n)]
+    return from_records("tiny", rows, rows[:8], ["text"], "label")
+
+
+def _pairs_regression():
+    rows = [{"a": a, "b": b, "score": float(i % 5)} for i, (a, b) in enumerate(PAIRS * 3)]
+    return from_records("tinysts", rows, rows[:8], ["a", "b"], "score", regression=True)
+
+
+def _args(**kw):
+    base = dict(scheme="bitfit", pooling="mean", lr=5e-2, epochs=2, batch_size=4, max_length=32, seed=0)
+    return TrainArgs(**{**base, **kw})
+
+
+def _trainer_logits(result, data):
+    enc = encode(result.tokenizer, data.dev, 32)
+    pad = result.config.pad_token_id
+    with torch.no_grad():
+        return result.model(**collate(enc, list(range(len(enc.input_ids))), pad))
+
+
+def _hf_logits(model_dir, d, data, tokenizer):
+    """A fresh HF base with the delta's values copied in + the same pooling and head."""
+    hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
+    params = dict(hf.named_parameters())
+    with torch.no_grad():
+        for name, value in d.sites.items():
+            params[name].copy_(value)
+    enc = encode(tokenizer, data.dev, 32)
+    batch = collate(enc, list(range(len(enc.input_ids))), hf.config.pad_token_id)
+    with torch.no_grad():
+        hidden = hf(**batch).last_hidden_state
+        if d.pooling == "pooler":
+            pooled = hf.pooler(hidden)
+        elif d.pooling == "cls":
+            pooled = hidden[:, 0]
+        else:
+            m = batch["attention_mask"].unsqueeze(-1).float()
+            pooled = (hidden * m).sum(1) / m.sum(1)
+        return pooled @ d.head_weight.T + d.head_bias
+
+
+def _engine_logits(engine, d, data):
+    version = engine.add_task(d)
+    texts = [e.texts[0] if len(e.texts) == 1 else e.texts for e in data.dev]
+    enc = engine.tokenize(version, texts)
+    return engine.forward(engine.collate(enc, [version.row] * len(enc)))[:, :len(d.labels)]
+
+
+@pytest.mark.parametrize("scheme,pooling", [("bitfit", "mean"), ("bitfit", "pooler"), ("rand_bias", "cls"),
+                                            ("gamma_bitfit", "mean"), ("frozen", "mean")])
+def test_saved_delta_reproduces_trainer_logits(tiny_model_dir, tmp_path, scheme, pooling):
+    data = _single()
+    args = _args(scheme=scheme, pooling=pooling)
+    result = train(data, args, tiny_model_dir, progress=False)
+    out = tmp_path / "tiny.safetensors"
+    rec = export.write_outputs(result, data, args, str(tiny_model_dir), out)
+    d = delta_io.load(out)
+    assert set(d.sites) == set(result.selection.names)
+    assert d.metrics["dev"] == rec["final"] and d.labels == ("neg", "pos") and d.inputs == ("text",)
+    assert d.scheme == scheme and d.pooling == pooling and d.train_args["seed"] == 0
+
+    expected = _trainer_logits(result, data)
+    engine = Engine.from_pretrained(tiny_model_dir)
+    torch.testing.assert_close(_engine_logits(engine, d, data), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_hf_logits(tiny_model_dir, d, data, result.tokenizer), expected,
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_end_to_end_regression_pairs_changes_predictions(tiny_bert_dir, tmp_path):
+    data = _pairs_regression()
+    args = _args(epochs=3)
+    result = train(data, args, tiny_bert_dir, progress=False)
+    assert len(result.history) == 3 and "spearman" in result.history[-1]["dev"]
+    out = tmp_path / "sts.safetensors"
+    export.write_outputs(result, data, args, str(tiny_bert_dir), out)
+    d = delta_io.load(out)
+    assert d.problem_type == "regression" and d.head_weight.shape[0] == 1 and d.inputs == ("a", "b")
+
+    engine = Engine.from_pretrained(tiny_bert_dir)
+    base_params = dict(AutoModel.from_pretrained(tiny_bert_dir).named_parameters())
+    untrained = delta_io.Delta(**{**d.__dict__, "task": "untrained",
+                                  "sites": {n: base_params[n].detach().clone() for n in d.sites}})
+    engine.add_task(d)
+    engine.add_task(untrained)
+    pairs = [e.texts for e in data.dev]
+    trained = [p.value for p in engine.predict([("tinysts", p) for p in pairs])]
+    before = [p.value for p in engine.predict([("untrained", p) for p in pairs])]
+    assert max(abs(a - b) for a, b in zip(trained, before)) > 1e-3  # the biases changed the outputs
+    torch.testing.assert_close(torch.tensor(trained), _trainer_logits(result, data)[:, 0], rtol=1e-5, atol=1e-5)
+    # the run record sits beside the delta
+    rec = json.loads((tmp_path / "sts.run.json").read_text())
+    assert rec["servable"] and rec["n_train"] == len(data.train) and len(rec["history"]) == 3
+
+
+def test_weight_matrix_baseline_writes_record_only_and_masks_hold(tiny_bert_dir, tmp_path):
+    data = _single()
+    args = _args(scheme="rand_uniform", rand_count=200, max_steps=6)
+    before = {n: p.detach().clone() for n, p in AutoModel.from_pretrained(tiny_bert_dir).named_parameters()}
+    result = train(data, args, tiny_bert_dir, progress=False)
+    after = dict(result.model.base.named_parameters())
+    changed = 0
+    for name, p in after.items():
+        mask = result.selection.masks.get(name)
+        if mask is None:
+            assert torch.equal(p, before[name]), name  # not selected: untouched
+        else:
+            assert torch.equal(p[mask == 0], before[name][mask == 0]), name  # masked entries untouched
+            changed += int((p != before[name]).sum())
+    assert result.trainable_base_values == 200 and 0 < changed <= 200
+    out = tmp_path / "r.safetensors"
+    rec = export.write_outputs(result, data, args, str(tiny_bert_dir), out)
+    assert not out.exists() and not rec["servable"] and "weight-matrix" in rec["note"]
+    with pytest.raises(ValueError, match="not servable"):
+        export.to_delta(result, data, args, "x")
+
+
+def test_weight_matrix_delta_is_refused_by_the_engine(tiny_bert_dir):
+    """A hand-made file carrying a weight matrix is refused with a clear message."""
+    from tests.factories import random_delta
+
+    d = random_delta(tiny_bert_dir, "w", sites=[])
+    weight = torch.zeros(32 * 32)
+    bad = delta_io.Delta(**{**d.__dict__, "sites": {"encoder.layer.0.attention.self.query.weight": weight}})
+    with pytest.raises(InvalidDelta, match="weight matrices are not servable"):
+        Engine.from_pretrained(tiny_bert_dir).add_task(bad)
+
+
+def test_full_writes_checkpoint(tiny_bert_dir, tmp_path):
+    data = _single()
+    args = _args(scheme="full", lr=1e-3, max_steps=2)
+    result = train(data, args, tiny_bert_dir, progress=False)
+    rec = export.write_outputs(result, data, args, str(tiny_bert_dir), tmp_path / "full.safetensors")
+    folder = tmp_path / "full"
+    assert (folder / "config.json").is_file() and (folder / "run.json").is_file()
+    assert set(load_file(folder / "head.safetensors")) == {"head.weight", "head.bias"}
+    reloaded = AutoModel.from_pretrained(folder)
+    name = "encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(dict(reloaded.named_parameters())[name], dict(result.model.base.named_parameters())[name])
+    assert rec["trainable_base_values"] == sum(p.numel() for n, p in reloaded.named_parameters()
+                                               if not n.startswith("pooler."))
+
+
+def test_seeded_runs_are_identical(tiny_bert_dir):
+    data = _single()
+    a = train(data, _args(max_steps=3), tiny_bert_dir, progress=False)
+    b = train(data, _args(max_steps=3), tiny_bert_dir, progress=False)
+    strip = lambda h: [{k: v for k, v in e.items() if k != "seconds"} for e in h]  # noqa: E731
+    assert strip(a.history) == strip(b.history)
+    assert torch.equal(a.model.head.weight, b.model.head.weight)
+
+
+def test_linear_schedule_and_interrupt_leave_no_delta(tiny_bert_dir, tmp_path, monkeypatch):
+    data = _single()
+    out = tmp_path / "never.safetensors"
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    _write_csv(tmp_path / "t.csv", data)
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", interrupt)  # Ctrl-C in the first step
+    result = CliRunner().invoke(app, ["train", "--model", str(tiny_bert_dir), "--train-file", str(tmp_path / "t.csv"),
+                                      "--dev-file", str(tmp_path / "t.csv"), "--name", "t", "--text-field", "text",
+                                      "--out", str(out), "--schedule", "linear", "--no-progress"])
+    assert result.exit_code != 0
+    assert not out.exists() and not list(tmp_path.glob("*.part")) and not list(tmp_path.glob("*.run.json"))
+
+
+def _write_csv(path, data):
+    path.write_text("text,label\n" + "".join(f"{e.texts[0]},{data.labels[e.label]}\n" for e in data.train))
+
+
+def test_cli_train_and_eval(tiny_bert_dir, tmp_path):
+    data = _single()
+    _write_csv(tmp_path / "t.csv", data)
+    out = tmp_path / "t.safetensors"
+    runner = CliRunner()
+    r = runner.invoke(app, ["train", "--model", str(tiny_bert_dir), "--train-file", str(tmp_path / "t.csv"),
+                            "--dev-file", str(tmp_path / "t.csv"), "--name", "t", "--text-field", "text",
+                            "--out", str(out), "--epochs", "1", "--lr", "0.01", "--batch-size", "8",
+                            "--schedule", "linear", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert out.is_file() and (tmp_path / "t.run.json").is_file()
+    r = runner.invoke(app, ["eval", str(out), "--model", str(tiny_bert_dir), "--dev-file", str(tmp_path / "t.csv")])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output[r.output.index("{"):])
+    assert report["max_abs_diff"] == pytest.approx(0.0, abs=1e-9)
+    png = tmp_path / "h.png"
+    r = runner.invoke(app, ["heatmap", str(out), "--model", str(tiny_bert_dir), "--out", str(png)])
+    assert r.exit_code == 0, r.output
+    assert png.stat().st_size > 1000 and "bv" in r.output
+
+
+@pytest.mark.parametrize("schedule,step,factor", [("paper", 0, 1.0), ("paper", 99, 1.0), ("linear", 0, 0.1),
+                                                  ("linear", 9, 1.0), ("linear", 10, 1.0), ("linear", 55, 0.5),
+                                                  ("linear", 100, 0.0)])
+def test_schedules(schedule, step, factor):
+    from trainer.train import _schedule
+
+    assert _schedule(TrainArgs(schedule=schedule, warmup_ratio=0.1), 100)(step) == pytest.approx(factor)
+
+
+def test_bucketed_batches_cover_each_example_once():
+    import random
+
+    from trainer.train import bucketed_batches
+
+    rng = random.Random(1)
+    lengths = [rng.randint(3, 60) for _ in range(250)]
+    batches = bucketed_batches(lengths, 8, random.Random(0), bucket_batches=4)
+    assert sorted(i for b in batches for i in b) == list(range(250))
+    assert all(len(b) <= 8 for b in batches)
+    # within a window, batches hold neighbouring lengths: much less padding than random batches
+    padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded < 1.3 * sum(lengths)

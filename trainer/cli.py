@@ -1,0 +1,145 @@
+"""``bitfit-train``: train deltas, check them with the serving engine, run the accuracy grid.
+
+    bitfit-train train --task RTE --scheme bitfit --model default --out deltas/rte.safetensors
+    bitfit-train train --train-file my.csv --dev-file my_dev.csv --text-field review \\
+        --label-field stars --name reviews --out deltas/reviews.safetensors
+    bitfit-train eval deltas/rte.safetensors            # dev metric recomputed by bitfit_serve.Engine
+    bitfit-train heatmap deltas/rte.safetensors --out benchmarks/results/bias_change_rte.png
+    bitfit-train grid                                   # the accuracy tables (see trainer/grid.py)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from trainer import schemes
+from trainer.data import TaskData, glue_task_name, load_files, load_glue, load_hf_folder, subsample
+from trainer.train import SCHEDULES, TrainArgs, default_lr
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Train BitFit deltas and their variants; evaluate them through the serving engine.")
+
+GLUE_DIR_HELP = "GLUE folder (TASK/train.tsv, TASK/dev.tsv); env GLUE_DIR"
+
+
+def _glue_dir(value: Optional[Path]) -> Path:
+    return value if value is not None else Path(os.environ.get("GLUE_DIR", "../shared/data/glue"))
+
+
+def _load_data(task: Optional[str], glue_dir: Optional[Path], train_file: Optional[Path],
+               dev_file: Optional[Path], hf_dataset: Optional[Path], name: Optional[str],
+               text_field: List[str], label_field: str, regression: bool, labels: List[str]) -> TaskData:
+    if task:
+        return load_glue(task, _glue_dir(glue_dir))
+    if not name:
+        raise typer.BadParameter("--name is required with --train-file/--hf-dataset (it names the task)")
+    if not text_field:
+        raise typer.BadParameter("--text-field is required (once, or twice for text pairs)")
+    if hf_dataset is not None:
+        return load_hf_folder(name, hf_dataset, text_field, label_field, regression)
+    if train_file is None or dev_file is None:
+        raise typer.BadParameter("give --task, or --train-file and --dev-file, or --hf-dataset")
+    return load_files(name, train_file, dev_file, text_field, label_field, regression, labels or None)
+
+
+@app.command()
+def train(
+    task: Optional[str] = typer.Option(None, help="GLUE task: SST-2, CoLA, MRPC, RTE, STS-B, WNLI"),
+    scheme: str = typer.Option("bitfit", help=f"one of: {', '.join(schemes.SCHEMES)}"),
+    model: str = typer.Option("default", help="base model folder, or 'default' (bundled MiniLM)"),
+    out: Optional[Path] = typer.Option(None, help="delta path (default deltas/<task>.safetensors)"),
+    pooling: str = typer.Option("mean", help="mean | cls | pooler"),
+    lr: Optional[float] = typer.Option(None, help="default: the paper's rate for the task (full: 2e-5)"),
+    epochs: int = typer.Option(3),
+    batch_size: int = typer.Option(32),
+    max_length: int = typer.Option(128),
+    schedule: str = typer.Option("paper", help=f"one of {SCHEDULES}: constant, or warmup + linear decay"),
+    warmup_ratio: float = typer.Option(0.1),
+    seed: int = typer.Option(0),
+    max_train_examples: Optional[int] = typer.Option(None, help="seeded random subsample of the train set"),
+    rand_count: Optional[int] = typer.Option(None, help="entries trained by rand_* schemes"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many steps (smoke runs)"),
+    glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
+    train_file: Optional[Path] = typer.Option(None, help="your CSV/TSV/JSONL training file"),
+    dev_file: Optional[Path] = typer.Option(None, help="your CSV/TSV/JSONL dev file"),
+    hf_dataset: Optional[Path] = typer.Option(None, help="a datasets folder saved with save_to_disk"),
+    name: Optional[str] = typer.Option(None, help="task name for your own data"),
+    text_field: List[str] = typer.Option([], help="text column(s): once, or twice for pairs"),
+    label_field: str = typer.Option("label", help="label column"),
+    regression: bool = typer.Option(False, help="the label is a number (MSE, one output)"),
+    labels: List[str] = typer.Option([], "--label", help="class names in class-id order (default: sorted)"),
+    progress: bool = typer.Option(True, help="progress bars"),
+) -> None:
+    """Train one scheme on one task; write the delta (or record / checkpoint) and a run record."""
+    from trainer.export import write_outputs
+    from trainer.train import train as run_training
+
+    if scheme not in schemes.SCHEMES:
+        raise typer.BadParameter(f"unknown scheme {scheme!r}; choose one of {', '.join(schemes.SCHEMES)}")
+    data = _load_data(task, glue_dir, train_file, dev_file, hf_dataset, name, text_field, label_field,
+                      regression, labels)
+    data = subsample(data, max_train_examples, seed)
+    args = TrainArgs(scheme=scheme, pooling=pooling, lr=lr if lr is not None else default_lr(data.name, scheme),
+                     epochs=epochs, batch_size=batch_size, max_length=max_length, schedule=schedule,
+                     warmup_ratio=warmup_ratio, seed=seed, max_train_examples=max_train_examples,
+                     rand_count=rand_count, max_steps=max_steps)
+    out = out or Path("deltas") / f"{data.name}.safetensors"
+    result = run_training(data, args, None if model == "default" else model, progress=progress)
+    rec = write_outputs(result, data, args, model, out)
+    typer.echo(json.dumps({k: rec[k] for k in ("task", "scheme", "seed", "trainable_base_values", "metric",
+                                                "final", "best", "best_epoch", "wall_s", "outputs",
+                                                "record_path", "note")}, indent=2))
+
+
+@app.command("eval")
+def eval_command(
+    delta_path: Path = typer.Argument(..., help="a delta file"),
+    model: str = typer.Option("default", help="base model folder, or 'default'"),
+    glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
+    dev_file: Optional[Path] = typer.Option(None, help="dev file for a non-GLUE task (CSV/TSV/JSONL)"),
+    label_field: str = typer.Option("label"),
+) -> None:
+    """Serve the delta with bitfit_serve.Engine and recompute its dev metric."""
+    from bitfit_serve import Engine
+    from bitfit_serve import delta as delta_io
+    from trainer.data import from_records, read_records
+    from trainer.evaluate import evaluate
+
+    d = delta_io.load(delta_path)
+    if dev_file is not None:
+        rows = read_records(dev_file)
+        data = from_records(d.task, rows, rows, d.inputs, label_field, d.problem_type == "regression", d.labels)
+    else:
+        data = load_glue(glue_task_name(d.task), _glue_dir(glue_dir))
+    report = evaluate(Engine.from_pretrained(None if model == "default" else model), d, data)
+    typer.echo(json.dumps(report, indent=2))
+
+
+@app.command()
+def heatmap(
+    delta_path: Path = typer.Argument(..., help="a delta file"),
+    out: Path = typer.Option(..., help="PNG to write"),
+    model: str = typer.Option("default", help="base model folder, or 'default'"),
+) -> None:
+    """Per-layer, per-site mean |b0 - bF| of a delta (the BitFit paper's Figure 1) + q/k/v means."""
+    from bitfit_serve import delta as delta_io
+    from bitfit_serve.model.base import load_hf_base
+    from trainer.analysis import bias_change, plot_heatmap, qkv_comparison
+
+    d = delta_io.load(delta_path)
+    _, config, base = load_hf_base(None if model == "default" else model)
+    change = bias_change(d.sites, dict(base.named_parameters()), config.num_hidden_layers)
+    metric = d.metrics.get("metric", "")
+    value = d.metrics.get("dev", {}).get(metric)
+    title = f"{d.task}: {d.scheme}, mean |b0 - bF| per layer" + (f" (dev {metric} {value:.1f})" if value else "")
+    plot_heatmap(change, title, out)
+    typer.echo(json.dumps({"png": str(out), "qkv_mean_change": qkv_comparison(change)}, indent=2))
+
+
+if __name__ == "__main__":
+    app()

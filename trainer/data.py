@@ -1,0 +1,183 @@
+"""Training data: GLUE TSVs, a user's CSV/JSONL, or a local HF ``datasets`` folder -> TaskData.
+
+GLUE quirks (see the data folder's README): read with ``QUOTE_NONE`` (unbalanced quotes in MRPC
+and SST-2 would merge rows), CoLA has no header, MRPC's header starts with a UTF-8 BOM.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Sequence
+
+REGRESSION = "regression"
+CLASSIFICATION = "single_label_classification"
+
+
+@dataclass(frozen=True)
+class Example:
+    texts: tuple[str, ...]  # one text, or a (first, second) pair
+    label: int | float  # class id, or the regression target
+
+
+@dataclass(frozen=True)
+class TaskData:
+    name: str  # task name for the delta (lowercase, e.g. "rte")
+    inputs: tuple[str, ...]  # field names of the texts, e.g. ("sentence1", "sentence2")
+    labels: tuple[str, ...]  # class names in class-id order; ("score",) for regression
+    problem_type: str
+    metric: str  # key of the headline metric, see trainer.metrics
+    train: tuple[Example, ...]
+    dev: tuple[Example, ...]
+
+
+@dataclass(frozen=True)
+class GlueSpec:
+    folder: str
+    header: bool
+    text_columns: tuple[int, ...]
+    label_column: int
+    inputs: tuple[str, ...]
+    labels: tuple[str, ...]
+    raw_labels: tuple[str, ...] | None  # raw value of each class id; None = regression
+    metric: str
+
+
+GLUE: dict[str, GlueSpec] = {
+    "sst2": GlueSpec("SST-2", True, (0,), 1, ("sentence",), ("negative", "positive"), ("0", "1"), "accuracy"),
+    "cola": GlueSpec("CoLA", False, (3,), 1, ("sentence",), ("unacceptable", "acceptable"), ("0", "1"), "mcc"),
+    "mrpc": GlueSpec("MRPC", True, (3, 4), 0, ("sentence1", "sentence2"), ("not_equivalent", "equivalent"),
+                     ("0", "1"), "f1"),
+    "rte": GlueSpec("RTE", True, (1, 2), 3, ("sentence1", "sentence2"), ("entailment", "not_entailment"),
+                    ("entailment", "not_entailment"), "accuracy"),
+    "stsb": GlueSpec("STS-B", True, (7, 8), 9, ("sentence1", "sentence2"), ("score",), None, "spearman"),
+    "wnli": GlueSpec("WNLI", True, (1, 2), 3, ("sentence1", "sentence2"), ("not_entailment", "entailment"),
+                     ("0", "1"), "accuracy"),
+}
+
+
+def glue_task_name(task: str) -> str:
+    """'SST-2', 'sst2', 'STS-B' -> 'sst2', 'stsb'."""
+    key = task.lower().replace("-", "").replace("_", "")
+    if key not in GLUE:
+        raise ValueError(f"unknown GLUE task {task!r}; choose one of {', '.join(GLUE)}")
+    return key
+
+
+def read_tsv(path: Path, header: bool) -> list[list[str]]:
+    """Rows of a GLUE TSV (header dropped). utf-8-sig strips MRPC's BOM and is a no-op elsewhere."""
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        rows = list(csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE))
+    return rows[1:] if header else rows
+
+
+def load_glue(task: str, root: str | Path) -> TaskData:
+    name = glue_task_name(task)
+    spec = GLUE[name]
+    folder = Path(root) / spec.folder
+
+    def split(file: str) -> tuple[Example, ...]:
+        out = []
+        for i, row in enumerate(read_tsv(folder / file, spec.header)):
+            needed = max(*spec.text_columns, spec.label_column) + 1
+            if len(row) < needed:
+                raise ValueError(f"{folder / file}: row {i + 1} has {len(row)} columns, expected >= {needed}")
+            raw = row[spec.label_column]
+            label = float(raw) if spec.raw_labels is None else spec.raw_labels.index(raw)
+            out.append(Example(tuple(row[c] for c in spec.text_columns), label))
+        return tuple(out)
+
+    problem = REGRESSION if spec.raw_labels is None else CLASSIFICATION
+    return TaskData(name, spec.inputs, spec.labels, problem, spec.metric, split("train.tsv"), split("dev.tsv"))
+
+
+# ----------------------------------------------------------------------------- user data
+
+def read_records(path: Path) -> list[dict]:
+    """CSV (header row, standard quoting) or JSONL (one object per line), chosen by extension."""
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".json"):
+        with open(path, encoding="utf-8") as f:
+            return [json.loads(line) for line in f if line.strip()]
+    if suffix in (".csv", ".tsv"):
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
+    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+
+
+def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fields: Sequence[str],
+                 label_field: str, regression: bool = False,
+                 labels: Sequence[str] | None = None) -> TaskData:
+    """Build a task from row dicts. Class names are ``labels`` if given, else the sorted distinct
+    training labels (so class ids do not depend on row order)."""
+    text_fields = tuple(text_fields)
+    if len(text_fields) not in (1, 2):
+        raise ValueError(f"text fields: give one or two, got {list(text_fields)}")
+    for split_name, rows in (("train", train), ("dev", dev)):
+        for i, row in enumerate(rows):
+            missing = [f for f in (*text_fields, label_field) if f not in row]
+            if missing:
+                raise ValueError(f"{split_name} row {i + 1}: missing field(s) {missing}")
+    if regression:
+        classes: tuple[str, ...] = ("score",)
+    else:
+        classes = tuple(labels) if labels else tuple(sorted({str(r[label_field]) for r in train}))
+        if len(classes) < 2:
+            raise ValueError(f"label field {label_field!r}: need at least two classes, got {list(classes)}")
+
+    def convert(rows: Sequence[dict], split_name: str) -> tuple[Example, ...]:
+        out = []
+        for i, row in enumerate(rows):
+            raw = row[label_field]
+            if regression:
+                label: int | float = float(raw)
+            elif str(raw) in classes:
+                label = classes.index(str(raw))
+            else:
+                raise ValueError(f"{split_name} row {i + 1}: label {raw!r} is not one of {list(classes)}")
+            out.append(Example(tuple(str(row[f]) for f in text_fields), label))
+        return tuple(out)
+
+    problem = REGRESSION if regression else CLASSIFICATION
+    metric = "spearman" if regression else "accuracy"
+    return TaskData(name, text_fields, classes, problem, metric, convert(train, "train"), convert(dev, "dev"))
+
+
+def load_files(name: str, train_path: str | Path, dev_path: str | Path, text_fields: Sequence[str],
+               label_field: str, regression: bool = False, labels: Sequence[str] | None = None) -> TaskData:
+    return from_records(name, read_records(Path(train_path)), read_records(Path(dev_path)),
+                        text_fields, label_field, regression, labels)
+
+
+def load_hf_folder(name: str, path: str | Path, text_fields: Sequence[str], label_field: str,
+                   regression: bool = False, train_split: str = "train",
+                   dev_split: str = "validation") -> TaskData:
+    """A ``DatasetDict`` saved with ``save_to_disk``. Needs the optional ``datasets`` package;
+    integer labels with a ``ClassLabel`` feature keep that feature's names and order."""
+    try:
+        import datasets
+    except ImportError:
+        raise RuntimeError("reading a Hugging Face datasets folder needs the 'datasets' package "
+                           "(pip install datasets); CSV/JSONL files work without it") from None
+    dd = datasets.load_from_disk(str(path))
+    for split in (train_split, dev_split):
+        if split not in dd:
+            raise ValueError(f"{path}: no split {split!r} (has {list(dd)})")
+    feature = dd[train_split].features.get(label_field)
+    names = list(feature.names) if isinstance(feature, datasets.ClassLabel) and not regression else None
+    train, dev = (list(dd[s]) for s in (train_split, dev_split))
+    if names:
+        train, dev = ([{**r, label_field: names[r[label_field]]} for r in rows] for rows in (train, dev))
+    return from_records(name, train, dev, text_fields, label_field, regression, names)
+
+
+def subsample(data: TaskData, max_train_examples: int | None, seed: int) -> TaskData:
+    """A seeded random subset of the training set (dev untouched); None or >= size keeps all."""
+    if max_train_examples is None or max_train_examples >= len(data.train):
+        return data
+    rng = random.Random(seed)
+    keep = sorted(rng.sample(range(len(data.train)), max_train_examples))
+    return replace(data, train=tuple(data.train[i] for i in keep))

@@ -1,0 +1,130 @@
+"""Write what a run produced: a servable delta, a run record, or (``full``) an HF checkpoint.
+
+Everything is written atomically (temp file, fsync, rename): an interrupted run never leaves a
+half-written delta or record behind.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save as st_save
+
+import trainer
+from bitfit_serve import delta as delta_io
+from bitfit_serve.delta import Delta
+from trainer import schemes
+from trainer.data import TaskData
+from trainer.train import RunResult, TrainArgs, hardware, summary
+
+
+def to_delta(result: RunResult, data: TaskData, args: TrainArgs, base_model: str) -> Delta:
+    """The trained values of the sites the scheme trains (HF base names, fp32) + the head."""
+    if args.scheme not in schemes.SERVABLE:
+        raise ValueError(f"scheme {args.scheme!r} changes weight matrices: not servable as a delta")
+    params = dict(result.model.base.named_parameters())
+    stats = summary(result, data.metric)
+    return Delta(
+        task=data.name,
+        sites={name: params[name].detach().float().clone() for name in result.selection.names},
+        head_weight=result.model.head.weight.detach().float().clone(),
+        head_bias=result.model.head.bias.detach().float().clone(),
+        labels=data.labels,
+        problem_type=data.problem_type,
+        pooling=args.pooling,
+        base_fingerprint=result.base_fingerprint,
+        architecture=result.config.model_type,
+        base_model=base_model,
+        inputs=data.inputs,
+        max_length=args.max_length,
+        scheme=args.scheme,
+        metrics={"dev": stats["final"], "metric": data.metric, "epoch": stats["final_epoch"],
+                 "best_dev": stats["best"], "best_epoch": stats["best_epoch"], "n_dev": result.n_dev},
+        train_args={**asdict(args), "n_train": result.n_train},
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        trainer_version=trainer.__version__,
+    )
+
+
+def record(result: RunResult, data: TaskData, args: TrainArgs, base_model: str,
+           outputs: dict[str, str]) -> dict[str, Any]:
+    """The JSON run record: arguments, counts, per-epoch history, final and best dev metrics."""
+    servable = args.scheme in schemes.SERVABLE
+    return {
+        "task": data.name,
+        "scheme": args.scheme,
+        "seed": args.seed,
+        "servable": servable,
+        "note": None if servable else (
+            "full fine-tuning: HF checkpoint, not a delta" if args.scheme == "full" else
+            "research baseline: changes weight-matrix entries, so no servable delta was written"),
+        "train_args": asdict(args),
+        "base_model": base_model,
+        "base_fingerprint": result.base_fingerprint,
+        "trainable_base_values": result.trainable_base_values,
+        "head_values": result.head_values,
+        "n_train": result.n_train,
+        "n_dev": result.n_dev,
+        "labels": list(data.labels),
+        "problem_type": data.problem_type,
+        **summary(result, data.metric),
+        "history": result.history,
+        "stopped_early": result.stopped_early,
+        "wall_s": result.wall_s,
+        "hardware": hardware(),
+        "outputs": outputs,
+        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "trainer_version": trainer.__version__,
+    }
+
+
+def write_json(path: Path, obj: Any) -> Path:
+    delta_io.atomic_write(Path(path), (json.dumps(obj, indent=2) + "\n").encode())
+    return Path(path)
+
+
+def record_path(out: Path) -> Path:
+    """``deltas/rte.safetensors`` -> ``deltas/rte.run.json`` (beside the delta)."""
+    out = Path(out)
+    return out.with_name(out.name.removesuffix(".safetensors") + ".run.json")
+
+
+def write_checkpoint(result: RunResult, folder: Path) -> Path:
+    """``full``: the fine-tuned base as an HF folder + ``head.safetensors`` (+ tokenizer)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    result.model.base.save_pretrained(folder)
+    result.tokenizer.save_pretrained(folder)
+    head = {"head.weight": result.model.head.weight.detach().contiguous(),
+            "head.bias": result.model.head.bias.detach().contiguous()}
+    delta_io.atomic_write(folder / "head.safetensors", st_save(head, metadata={"pooling": "see run.json"}))
+    return folder
+
+
+def write_outputs(result: RunResult, data: TaskData, args: TrainArgs, base_model: str, out: Path,
+                  write_model: bool = True) -> dict[str, Any]:
+    """Write the delta / checkpoint (unless ``write_model`` is False) and the run record.
+
+    Servable schemes: ``out`` is the delta file, the record goes beside it (``*.run.json``).
+    ``rand_uniform`` / ``rand_row_col``: only the record. ``full``: ``out`` (minus a
+    ``.safetensors`` suffix) is a checkpoint folder holding ``run.json``.
+    """
+    out = Path(out)
+    outputs: dict[str, str] = {}
+    if args.scheme == "full":
+        folder = out.with_name(out.name.removesuffix(".safetensors"))
+        if write_model:
+            outputs["checkpoint"] = str(write_checkpoint(result, folder))
+        rec_path = folder / "run.json" if write_model else record_path(out)
+    else:
+        if args.scheme in schemes.SERVABLE and write_model:
+            outputs["delta"] = str(delta_io.save(to_delta(result, data, args, base_model), out))
+        rec_path = record_path(out)
+    rec = record(result, data, args, base_model, outputs)
+    write_json(rec_path, rec)
+    rec["record_path"] = str(rec_path)
+    return rec
