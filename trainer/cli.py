@@ -141,5 +141,56 @@ def heatmap(
     typer.echo(json.dumps({"png": str(out), "qkv_mean_change": qkv_comparison(change)}, indent=2))
 
 
+@app.command()
+def grid(
+    glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
+    runs_dir: Path = typer.Option(Path("runs/accuracy"), help="run records (+ deltas); existing runs are skipped"),
+    results_dir: Path = typer.Option(Path("benchmarks/results"), help="where accuracy.md/json go"),
+    model: str = typer.Option("default"),
+    tables: str = typer.Option("1,3,2", help="tables to run, in priority order"),
+    epochs: int = typer.Option(3, help="Table 1 epochs (encoder-training schemes)"),
+    frozen_epochs: int = typer.Option(20, help="head-only epochs on cached features"),
+    table2_epochs: int = typer.Option(2),
+    table3_epochs: int = typer.Option(4),
+    seeds: int = typer.Option(3, help="seeds for bitfit/full/frozen on RTE and MRPC"),
+    sst2_examples: int = typer.Option(8000, help="SST-2 train subsample for Table 1"),
+    table2_cola_examples: int = typer.Option(4000, help="CoLA train subsample for Table 2 (0 = all)"),
+    bias_lr_scale: float = typer.Option(1.0, help="multiplies the paper's bias-scheme learning rates"),
+    frozen_lr: float = typer.Option(1e-3),
+    stop_after: Optional[str] = typer.Option(None, help="UTC time HH:MM after which no new run starts"),
+    dry_run: bool = typer.Option(False, help="print the plan and exit"),
+    progress: bool = typer.Option(True),
+) -> None:
+    """Run the accuracy grid (Tables 1-3) and write accuracy.md/json; resumable."""
+    import time
+    from datetime import datetime, timezone
+
+    from trainer.grid import Budget, plan, run_grid
+
+    budget = Budget(epochs=epochs, frozen_epochs=frozen_epochs, table2_epochs=table2_epochs,
+                    table3_epochs=table3_epochs, seeds=seeds, sst2_examples=sst2_examples,
+                    table2_cola_examples=table2_cola_examples or None, bias_lr_scale=bias_lr_scale,
+                    frozen_lr=frozen_lr)
+    order = tuple(t.strip() for t in tables.split(",") if t.strip())
+    if dry_run:
+        for run in plan(budget, order):
+            done = (runs_dir / f"{run.key}.run.json").exists()
+            typer.echo(f"table {run.table}  {run.key}{'  (done)' if done else ''}")
+        return
+    deadline = None
+    if stop_after:
+        hour, minute = (int(x) for x in stop_after.split(":"))
+        now = datetime.now(timezone.utc)
+        deadline = now.replace(hour=hour, minute=minute, second=0, microsecond=0).timestamp()
+        if deadline < now.timestamp():
+            deadline += 86400
+    started = time.perf_counter()
+    result = run_grid(budget, _glue_dir(glue_dir), runs_dir, results_dir, model, order, deadline, progress,
+                      log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(json.dumps({"completed_runs": result["completed_runs"], "planned_runs": result["planned_runs"],
+                           "table1_average": result["table1_average"],
+                           "wall_s": round(time.perf_counter() - started, 1)}, indent=2))
+
+
 if __name__ == "__main__":
     app()
