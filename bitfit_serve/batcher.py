@@ -102,7 +102,7 @@ class Batcher:
     @property
     def alive(self) -> bool:
         """The inference worker runs and admits work (readiness)."""
-        return self._thread.is_alive() and not self._state.stopping
+        return self._thread.is_alive() and not (self._state.stopping or self._state.exited)
 
     @property
     def queue_depth(self) -> int:
@@ -170,6 +170,9 @@ class Batcher:
                 while planned:
                     self._run_batch(planned[0])
                     planned.pop(0)
+        except BaseException:
+            log.critical("the inference worker died; the server is no longer ready", exc_info=True)
+            raise
         finally:
             # Reached on stop, or if the worker dies: nobody may wait forever on a dead worker.
             with self._cond:

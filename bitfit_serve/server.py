@@ -200,7 +200,10 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             raise NotReady("the server is not ready: the inference worker is not running")
         start = time.perf_counter()
         out = await s.batcher.submit(groups)
-        s.metrics.observe_tasks(Counter(t for t, _ in groups), time.perf_counter() - start)
+        sequences: Counter[str] = Counter()
+        for task, inputs in groups:
+            sequences[task] += len(inputs)
+        s.metrics.observe_tasks(sequences, time.perf_counter() - start)
         return out
 
     # ------------------------------------------------------------------ inference

@@ -74,7 +74,8 @@ async def serving(engine: Engine, deltas: Path, **settings) -> AsyncIterator[htt
     settings.setdefault("watch", False)
     app = create_app(engine, Settings(deltas=deltas, **settings))
     async with app.router.lifespan_context(app):
-        transport = httpx.ASGITransport(app=app)
+        # Like uvicorn: a 500 is answered (and logged), not raised into the client.
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             client.app = app
             yield client
