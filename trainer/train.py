@@ -200,6 +200,12 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
         train_feats = pooled_features(model, train_enc, pad_id, progress=progress, desc=f"{data.name} features")
         dev_feats = pooled_features(model, dev_enc, pad_id)
     train_labels = torch.tensor(train_enc.labels)
+    if data.problem_type == REGRESSION:
+        # Train on standardized targets (the head starts near 0, so raw 0-5 scores would spend the
+        # first thousand Adam steps moving the head bias); the scale is folded back into the head
+        # after training, so the saved head predicts raw scores.
+        label_mean, label_std = float(train_labels.mean()), float(train_labels.std().clamp(min=1e-6))
+        train_labels = (train_labels - label_mean) / label_std
 
     history: list[dict[str, Any]] = []
     step = 0
@@ -230,6 +236,8 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
                 bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", refresh=False)
             model.eval()
             outputs = model.head(dev_feats).detach().numpy() if frozen else predict(model, dev_enc, pad_id)
+            if data.problem_type == REGRESSION:
+                outputs = outputs * label_std + label_mean
             dev = metrics_lib.from_outputs(outputs, dev_enc.labels, data.problem_type)
             history.append({"epoch": epoch, "steps": step, "train_loss": float(np.mean(losses)) if losses else None,
                             "dev": dev, "seconds": round(time.perf_counter() - epoch_start, 2)})
@@ -244,6 +252,9 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    if data.problem_type == REGRESSION:  # y = std * (w.x + b) + mean
+        model.head.weight.mul_(label_std)
+        model.head.bias.mul_(label_std).add_(label_mean)
     return RunResult(
         model=model, selection=selection, base_fingerprint=fingerprint, model_path=Path(path),
         config=config, tokenizer=tokenizer, history=history,
