@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 # The worker looks at most this many batches' worth of the queue at once: enough to sort lengths
 # into well-filled batches, small enough that a sequence waits a bounded number of batches.
 WINDOW_BATCHES = 4
+# Watchdog: a forward is overdue (the worker hangs, readiness turns 503) after STALL_S plus
+# STALL_FACTOR x its expected time, estimated from earlier forwards' seconds per padded token
+# (prior: 1 ms/token, about MiniLM on two CPU cores). A long batch on a slow device is not a hang.
+STALL_S = 1.0
+STALL_FACTOR = 4.0
 
 Group = tuple[str, Sequence[TextInput]]  # (task, inputs): one task's part of a request
 
@@ -70,6 +75,7 @@ class _State:
     depth: int = 0  # sequences admitted and not yet taken into a batch (including tokenizing ones)
     stopping: bool = False
     exited: bool = False
+    overdue_at: float | None = None  # while a forward runs: the monotonic time it counts as hung
 
 
 class Batcher:
@@ -85,6 +91,7 @@ class Batcher:
         self._state = _State()
         self._thread = threading.Thread(target=self._run, name="bitfit-inference", daemon=True)
         self._tokenizer = ThreadPoolExecutor(1, thread_name_prefix="bitfit-tokenize")
+        self._s_per_token = 1e-3  # moving average over forwards, for the watchdog
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:
@@ -101,8 +108,10 @@ class Batcher:
 
     @property
     def alive(self) -> bool:
-        """The inference worker runs and admits work (readiness)."""
-        return self._thread.is_alive() and not (self._state.stopping or self._state.exited)
+        """The inference worker runs, is not hung in a forward, and admits work (readiness)."""
+        overdue_at = self._state.overdue_at
+        return (self._thread.is_alive() and not (self._state.stopping or self._state.exited)
+                and (overdue_at is None or time.monotonic() < overdue_at))
 
     @property
     def queue_depth(self) -> int:
@@ -219,7 +228,9 @@ class Batcher:
 
     def _run_batch(self, batch: list[_Seq]) -> None:
         engine = self.engine
+        tokens = len(batch[-1]) * len(batch)
         start = time.perf_counter()
+        self._state.overdue_at = time.monotonic() + STALL_S + STALL_FACTOR * self._s_per_token * tokens
         try:
             logits = engine.forward(engine.collate([s.encoded for s in batch], [s.version.row for s in batch]))
             predictions = [engine.postprocess(s.version, logits[i]) for i, s in enumerate(batch)]
@@ -228,6 +239,9 @@ class Batcher:
             for seq in batch:
                 self._account(seq, error=e)
             return
+        finally:
+            self._state.overdue_at = None
+        self._s_per_token = 0.8 * self._s_per_token + 0.2 * (time.perf_counter() - start) / tokens
         if self.metrics is not None:
             self.metrics.forward_seconds.observe(time.perf_counter() - start)
             self.metrics.batch_size.observe(len(batch))

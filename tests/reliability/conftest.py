@@ -10,3 +10,7 @@ FULL = os.environ.get("BITFIT_RELIABILITY_FULL") == "1"
 def scale():
     """Pick the CI count or the full count: ``scale(ci=200, full=10_000)``."""
     return lambda ci, full: full if FULL else ci
+
+
+# The server tests' fixtures (tiny engine, cached delta bytes, anyio on asyncio), shared here.
+from tests.server.conftest import anyio_backend, delta_bytes, deltas_dir, engine, hf_base, make_delta  # noqa: E402,F401
