@@ -1,0 +1,66 @@
+"""Batch planning: length-sorted, token budget and sequence cap, nothing lost or duplicated."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from bitfit_serve.batcher import Batcher, _Request, _Seq
+from bitfit_serve.engine import EncodedInput
+
+
+class _FakeRegistry:
+    def release(self, versions):
+        pass
+
+
+class _FakeEngine:
+    registry = _FakeRegistry()
+
+
+def _seqs(lengths, loop):
+    request = _Request(loop, loop.create_future(), [None] * len(lengths), [len(lengths)], [None] * len(lengths),
+                       len(lengths))
+    return [_Seq(request, i, EncodedInput([0] * n, [0] * n), None) for i, n in enumerate(lengths)]
+
+
+@pytest.fixture
+def loop():
+    loop = asyncio.new_event_loop()
+    yield loop
+    loop.close()
+
+
+@pytest.mark.parametrize("lengths, max_tokens, max_requests, expected", [
+    ([5, 3, 9, 3, 7], 20, 10, [[3, 3, 5], [7, 9]]),
+    ([5, 3, 9, 3, 7], 20, 2, [[3, 3], [5, 7], [9]]),
+    ([50, 2], 20, 10, [[2], [50]]),  # longer than the budget: runs alone
+    ([4] * 6, 16, 10, [[4] * 4, [4] * 2]),
+])
+def test_plan(loop, lengths, max_tokens, max_requests, expected):
+    batcher = Batcher(_FakeEngine(), max_batch_tokens=max_tokens, max_batch_requests=max_requests, max_queue=100)
+    assert [[len(s) for s in b] for b in batcher._plan(_seqs(lengths, loop))] == expected
+
+
+def test_plan_random(loop):
+    rng = random.Random(0)
+    batcher = Batcher(_FakeEngine(), max_batch_tokens=256, max_batch_requests=8, max_queue=1000)
+    for _ in range(50):
+        seqs = _seqs([rng.randint(1, 120) for _ in range(rng.randint(1, 40))], loop)
+        batches = batcher._plan(seqs)
+        assert sorted(id(s) for b in batches for s in b) == sorted(id(s) for s in seqs)
+        flat = [len(s) for b in batches for s in b]
+        assert flat == sorted(flat)
+        for b in batches:
+            assert len(b) <= 8
+            assert len(b) == 1 or max(len(s) for s in b) * len(b) <= 256
+
+
+def test_plan_drops_cancelled_requests(loop):
+    batcher = Batcher(_FakeEngine(), max_batch_tokens=100, max_batch_requests=8, max_queue=100)
+    kept, gone = _seqs([3, 4], loop), _seqs([5, 6], loop)
+    gone[0].request.future.cancel()
+    assert [[len(s) for s in b] for b in batcher._plan(kept + gone)] == [[3, 4]]
+    assert gone[0].request.remaining == 0  # accounted for, so its versions get released
