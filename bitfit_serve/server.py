@@ -133,7 +133,7 @@ class ErrorResponse(BaseModel):
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    status: {"model": ErrorResponse} for status in (400, 404, 413, 422, 503)}
+    status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 503)}
 ADMIN_RESPONSES: dict[int | str, dict[str, Any]] = {
     **ERROR_RESPONSES, 401: {"model": ErrorResponse}, 403: {"model": ErrorResponse}, 415: {"model": ErrorResponse}}
 
@@ -195,8 +195,22 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
             raise Forbidden("admin route: the token is not valid")
 
+    def require_api_key(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthorized("send 'Authorization: Bearer <api key>'")
+        token = token.strip().encode()
+        # Both compares always run: the time taken says nothing about which key came close.
+        valid = [hmac.compare_digest(token, key.encode()) for key in (settings.api_key, settings.admin_token) if key]
+        if not any(valid):
+            raise Forbidden("the API key is not valid")
+
     async def run(groups: Sequence[Group]) -> list[list[Prediction]]:
-        if s.batcher is None or not s.batcher.alive:
+        # Admission checks only that the worker runs (submit raises NotReady otherwise); a slow
+        # forward makes /ready fail for load balancers but must not reject requests already routed here.
+        if s.batcher is None:
             raise NotReady("the server is not ready: the inference worker is not running")
         start = time.perf_counter()
         out = await s.batcher.submit(groups)
@@ -208,7 +222,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
     # ------------------------------------------------------------------ inference
     @app.post("/v1/tasks/{task}/predict", response_model=TaskPredictions, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, tags=["inference"])
+              responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)], tags=["inference"])
     async def predict(task: str, body: PredictRequest) -> TaskPredictions:
         """Run one task on a list of texts (or text pairs)."""
         _check_limits(settings, [body.inputs])
@@ -216,7 +230,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return _task_predictions(task, predictions)
 
     @app.post("/v1/predict", response_model=MixedPredictResponse, response_model_exclude_none=True,
-              responses=ERROR_RESPONSES, tags=["inference"])
+              responses=ERROR_RESPONSES, dependencies=[Depends(require_api_key)], tags=["inference"])
     async def predict_mixed(body: MixedPredictRequest) -> MixedPredictResponse:
         """Items of many tasks in one call, batched together; each item's answer states its version."""
         if len(body.items) > settings.max_items_per_predict:
@@ -228,11 +242,13 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                                              for item, predictions in zip(body.items, results)])
 
     # ------------------------------------------------------------------ tasks
-    @app.get("/v1/tasks", response_model=TaskList, tags=["tasks"])
+    @app.get("/v1/tasks", response_model=TaskList, dependencies=[Depends(require_api_key)],
+             responses={s: {"model": ErrorResponse} for s in (401, 403)}, tags=["tasks"])
     async def list_tasks() -> TaskList:
         return TaskList(tasks=[_task_info(engine, v) for v in engine.tasks()])
 
-    @app.get("/v1/tasks/{task}", response_model=TaskInfo, responses={404: {"model": ErrorResponse}}, tags=["tasks"])
+    @app.get("/v1/tasks/{task}", response_model=TaskInfo, dependencies=[Depends(require_api_key)],
+             responses={s: {"model": ErrorResponse} for s in (401, 403, 404)}, tags=["tasks"])
     async def get_task(task: str) -> TaskInfo:
         return _task_info(engine, engine.registry.get(task))
 
@@ -337,6 +353,8 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         headers = None
         if isinstance(e, Overloaded):
             headers = {"Retry-After": str(max(1, round(e.retry_after)))}
+        elif isinstance(e, NotReady):  # e.g. a hung worker: a client should come back, not give up
+            headers = {"Retry-After": "1"}
         elif isinstance(e, Unauthorized):
             headers = {"WWW-Authenticate": "Bearer"}
         return respond(e.status_code, e.code, e.message, headers)
