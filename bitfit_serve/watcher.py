@@ -82,7 +82,8 @@ class DeltaWatcher:
             log.exception("syncing task %r from %s failed", task, self.store.root)
             outcome = "failed"
         else:
-            if outcome != "unchanged":
-                log.info("task %r %s from %s", task, outcome, self.store.root)
+            if outcome in ("unchanged", "absent"):  # e.g. the echo of an HTTP upload or delete
+                return
+            log.info("task %r %s from %s", task, outcome, self.store.root)
         if self.metrics is not None:
             self.metrics.task_changes.labels("watch", outcome).inc()
