@@ -186,6 +186,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         else ("max_request_bytes", settings.max_request_bytes)))
     app.add_middleware(_Observe, metrics=s.metrics)  # outermost: also counts the 413s of _BodyLimit
 
+    def valid_task_name(task: str) -> None:
+        check_task_name(task)  # first of all: before the token, the body, or any disk access
+
     def require_admin(request: Request) -> None:
         if settings.admin_token is None:
             return  # no token configured: settings only allow that on loopback or when told explicitly
@@ -253,14 +256,13 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         return _task_info(engine, engine.registry.get(task))
 
     @app.put("/v1/tasks/{task}", response_model=UploadResponse, status_code=201, responses=ADMIN_RESPONSES,
-             dependencies=[Depends(require_admin)], tags=["admin"],
+             dependencies=[Depends(valid_task_name), Depends(require_admin)], tags=["admin"],
              openapi_extra={"requestBody": {"required": True, "content": {
                  "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
     async def upload_task(task: str, request: Request, response: Response) -> UploadResponse:
         """Add or replace a task: the body is the delta file (.safetensors bytes). Validated fully,
         persisted atomically into the deltas folder, then swapped in. 201 if new, 200 if replaced.
         The URL name wins over the delta's ``task`` metadata (the stored copy is renamed)."""
-        check_task_name(task)
         media = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if media.startswith("multipart/"):
             raise HTTPException(415, "send the delta file's raw bytes as the body "
@@ -277,10 +279,9 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                               replaced=installed.previous.version if installed.previous else None)
 
     @app.delete("/v1/tasks/{task}", response_model=RemoveResponse, responses=ADMIN_RESPONSES,
-                dependencies=[Depends(require_admin)], tags=["admin"])
+                dependencies=[Depends(valid_task_name), Depends(require_admin)], tags=["admin"])
     async def delete_task(task: str) -> RemoveResponse:
         """Stop serving a task (404 from now on) and delete its file; its row is freed once idle."""
-        check_task_name(task)
         removed = await asyncio.to_thread(s.store.remove, engine, task)
         s.metrics.task_changes.labels("http", "removed").inc()
         return RemoveResponse(task=removed.task, version=removed.version)

@@ -141,6 +141,8 @@ async def test_admin_routes_need_the_token(engine, deltas_dir, delta_bytes, meth
                      "unauthorized")
         assert_error(await call("/v1/tasks/secret", headers={"Authorization": "Bearer wrong"}, **kw), 403,
                      "forbidden")
+        # The name is checked first of all, even before the token.
+        assert_error(await call("/v1/tasks/.secret", **kw), 400, "invalid_input", "task name")
         if method == "delete":
             await client.put("/v1/tasks/secret", content=data, headers={"Authorization": "Bearer s3cret"})
         r = await call("/v1/tasks/secret", headers={"Authorization": "Bearer s3cret"}, **kw)
