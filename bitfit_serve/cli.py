@@ -52,6 +52,8 @@ def serve(
                                                               "(Authorization: Bearer <token>)")] = None,
     allow_insecure_admin: Annotated[bool, _opt("allow-insecure-admin", "allow open admin routes (no token) on a "
                                                                        "non-loopback host", flag=True)] = False,
+    api_key: Annotated[Optional[str], _opt("api-key", "key for inference and task listing "
+                                                      "(Authorization: Bearer <key>)")] = None,
     watch: Annotated[bool, _opt("watch", "watch the deltas folder for changes", flag=True)] = _D.watch,
     metrics_per_task: Annotated[bool, _opt("metrics-per-task", "per-task Prometheus labels", flag=True)] = _D.metrics_per_task,
     log_level: Annotated[str, _opt("log-level", "debug, info, warning, error")] = _D.log_level,
@@ -68,7 +70,8 @@ def serve(
                             max_queue=max_queue, max_texts_per_request=max_texts_per_request,
                             max_chars_per_text=max_chars_per_text, max_items_per_predict=max_items_per_predict,
                             max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes,
-                            admin_token=admin_token, allow_insecure_admin=allow_insecure_admin, watch=watch,
+                            admin_token=admin_token, allow_insecure_admin=allow_insecure_admin,
+                            api_key=api_key, watch=watch,
                             metrics_per_task=metrics_per_task, log_level=log_level)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None

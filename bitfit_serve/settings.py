@@ -38,6 +38,9 @@ class Settings:
     # allowed on a loopback host unless allow_insecure_admin says otherwise.
     admin_token: str | None = None
     allow_insecure_admin: bool = False
+    # Inference and task-listing routes: with a key set they need 'Authorization: Bearer <api key>'
+    # (the admin token works too); health, readiness and metrics stay open.
+    api_key: str | None = None
     watch: bool = True  # pick up adds/replaces/deletes in the deltas folder while running
     metrics_per_task: bool = False  # per-task Prometheus labels: one series per task, off by default
     log_level: str = "info"
@@ -51,6 +54,8 @@ class Settings:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.admin_token is not None and not self.admin_token.strip():
             raise ValueError("admin_token must not be empty (leave it unset to run without one)")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("api_key must not be empty (leave it unset to run without one)")
         if self.admin_token is None and not self.allow_insecure_admin and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to listen on {self.host!r} with admin routes (upload/delete) open to the network: "
