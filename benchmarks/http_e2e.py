@@ -1,0 +1,151 @@
+"""HTTP end to end: an async load generator against the real ``bitfit-serve serve`` process.
+
+    python -m benchmarks.http_e2e                    # MiniLM, CPU fp32, 100 tasks, 1/16/64 clients
+    python -m benchmarks.http_e2e --model bert-base --duration 20 --suffix _bertbase
+
+The server runs as a subprocess on 127.0.0.1 (a free port) with its default batching settings,
+serving 100 tasks from a deltas folder (half single-sentence, half sentence-pair tasks). Each of
+c clients loops: pick one of the 100 tasks at random, POST one GLUE dev input of the matching
+kind to ``/v1/tasks/{task}/predict``, wait for the answer. Per concurrency level: throughput,
+p50/p99 latency, failed requests, and from the server's own ``/metrics``:
+
+* ``forward_busy_share``: forward-pass seconds / wall seconds (how busy the model is);
+* ``outside_forward_share_of_latency``: 1 - (mean forward time of a batch) / (mean request
+  latency): the part of a request's time spent in HTTP, JSON, queueing, tokenizing, batching.
+
+The client shares the machine's cores with the server (2 cores here), which is part of the cost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import common
+
+NAME = "http_e2e"
+
+
+async def load_level(url: str, clients: int, duration_s: float, tasks: dict[str, bool], singles, pairs,
+                     seed: int) -> dict:
+    """``clients`` closed-loop clients for ``duration_s``: latencies (s) and status counts."""
+    import httpx
+
+    rng = random.Random(seed)
+    names = sorted(tasks)
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    stop_at = time.perf_counter() + duration_s
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while time.perf_counter() < stop_at:
+            task = rng.choice(names)
+            item = list(rng.choice(pairs)) if tasks[task] else rng.choice(singles)
+            start = time.perf_counter()
+            try:
+                r = await http.post(f"{url}/v1/tasks/{task}/predict", json={"inputs": [item]})
+                status = str(r.status_code)
+            except httpx.HTTPError as e:
+                status = type(e).__name__
+            latencies.append(time.perf_counter() - start)
+            statuses[status] = statuses.get(status, 0) + 1
+
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(timeout=60.0, limits=limits) as http:
+        began = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - began
+    return {"latencies_s": latencies, "statuses": statuses, "wall_s": wall}
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--clients", default="1,16,64")
+    p.add_argument("--tasks", type=int, default=100)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
+    args = p.parse_args()
+    common.setup(args)
+    load_before = common.load_average()
+    levels = [1, 4] if args.quick else [int(x) for x in args.clients.split(",")]
+    duration = 2.0 if args.quick else args.duration
+    n_tasks = 6 if args.quick else args.tasks
+    path = common.model_path(args.model)
+    singles, pairs = common.split_texts(common.sample_texts(args.glue_dir, 4000, seed=args.seed))
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tasks = common.write_task_files(common.DeltaFactory(path), Path(tmp) / "deltas",
+                                        [f"task{i}" for i in range(n_tasks)])
+        with common.Server(path, Path(tmp) / "deltas", "--device", args.device, "--dtype", dtype,
+                           log_path=Path(tmp) / "server.log") as server:
+            asyncio.run(load_level(server.url, 2, 1.0, tasks, singles, pairs, seed=1))  # warm-up
+            results = {}
+            for c in levels:
+                f_sum, f_count = server.metric("bitfit_forward_duration_seconds_sum"), \
+                    server.metric("bitfit_forward_duration_seconds_count")
+                run = asyncio.run(load_level(server.url, c, duration, tasks, singles, pairs, seed=args.seed + c))
+                f_sum = server.metric("bitfit_forward_duration_seconds_sum") - f_sum
+                f_count = server.metric("bitfit_forward_duration_seconds_count") - f_count
+                lat = run["latencies_s"]
+                ok = run["statuses"].get("200", 0)
+                s = common.stats(lat)
+                mean_latency = sum(lat) / len(lat)
+                results[f"c{c}"] = {
+                    "clients": c, "requests": len(lat), "ok": ok, "failed": len(lat) - ok,
+                    "statuses": run["statuses"], "wall_s": run["wall_s"],
+                    "requests_per_s": ok / run["wall_s"],
+                    "latency_ms": {k: v * 1e3 for k, v in s.items() if k != "n"},
+                    "mean_latency_ms": mean_latency * 1e3,
+                    "forward_passes": f_count, "forward_seconds": f_sum,
+                    "mean_sequences_per_forward": len(lat) / f_count if f_count else None,
+                    "forward_busy_share": f_sum / run["wall_s"],
+                    "outside_forward_share_of_latency": 1 - (f_sum / f_count) / mean_latency if f_count else None,
+                    "raw_latencies_s": lat,
+                }
+                r = results[f"c{c}"]
+                print(f"{c:3d} clients: {r['requests_per_s']:7.1f} req/s  p50 {r['latency_ms']['p50']:7.1f} ms  "
+                      f"p99 {r['latency_ms']['p99']:7.1f} ms  failed {r['failed']}  "
+                      f"seq/forward {r['mean_sequences_per_forward'] or 0:.1f}  forward busy {r['forward_busy_share']:.2f}  "
+                      f"outside forward {r['outside_forward_share_of_latency'] or 0:.2f} of latency")
+            command = server.command
+
+    common.write_result(args, NAME, {"model": str(path), "tasks": n_tasks, "server_command": command,
+                                     "duration_s_per_level": duration, "levels": results}, load_before)
+    plot(args, results)
+
+
+def plot(args, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(results.values())
+    x = [str(r["clients"]) for r in levels]
+    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    a.bar(x, [r["requests_per_s"] for r in levels])
+    a.set_xlabel("concurrent clients")
+    a.set_ylabel("requests / s (1 input each)")
+    a.set_title("throughput")
+    b.plot(x, [r["latency_ms"]["p50"] for r in levels], "o-", label="p50")
+    b.plot(x, [r["latency_ms"]["p99"] for r in levels], "s-", label="p99")
+    b.set_yscale("log")
+    b.set_xlabel("concurrent clients")
+    b.set_ylabel("ms")
+    b.set_title("latency")
+    b.legend()
+    c.bar(x, [r["outside_forward_share_of_latency"] or 0 for r in levels])
+    c.set_ylim(0, 1)
+    c.set_xlabel("concurrent clients")
+    c.set_ylabel("share of request latency outside the forward pass")
+    c.set_title("overhead")
+    fig.suptitle(f"HTTP end to end, {args.tasks} tasks ({args.model}, {args.device} {args.dtype})")
+    fig.tight_layout()
+    fig.savefig(common.plot_path(args, NAME), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,108 @@
+"""Mixed-task overhead: the engine on batches mixing 1, 8, 64, 512 tasks vs the same engine on one task.
+
+    python -m benchmarks.mixed_tasks                 # MiniLM, CPU fp32, 2 threads
+    python -m benchmarks.mixed_tasks --model bert-base --batch-sizes 1,8,32 --reps 4 --suffix _bertbase
+    python -m benchmarks.mixed_tasks --device cuda --dtype bf16 --suffix _gpu
+
+One engine holds 512 random trained-like deltas (BitFit sites). For each batch size, the same
+GLUE batches run with every sequence on one task (``1``: fused bias adds), on one task through
+the per-row gather path (``1_gather``: isolates the gather from the mixing), and with rows drawn
+round-robin from 8 / 64 / 512 tasks (so a batch holds min(k, batch) distinct tasks). All variants
+interleaved; ratios are each variant's median throughput over ``1``'s.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from benchmarks import common
+from bitfit_serve.engine import Engine
+
+NAME = "mixed_tasks"
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--batch-sizes", default="1,8,32,128")
+    p.add_argument("--tasks", default="8,64,512", help="distinct tasks the rows are drawn from")
+    args = p.parse_args()
+    common.setup(args)
+    load_before = common.load_average()
+    reps = args.reps or (2 if args.quick else 8)
+    mixes = [2, 8] if args.quick else [int(x) for x in args.tasks.split(",")]
+    batch_sizes = [1, 8] if args.quick else [int(x) for x in args.batch_sizes.split(",")]
+    path = common.model_path(args.model)
+    engine = Engine.from_pretrained(path, device=args.device, dtype=common.torch_dtype(args.dtype))
+    deltas = common.DeltaFactory(path)
+    rows = [engine.add_task(deltas(f"task{i}", seed=i)).row for i in range(max(mixes))]
+    texts = common.tokenize(engine.base.tokenizer, common.sample_texts(args.glue_dir, 2000, seed=args.seed))
+    pad_id = engine.base.config.pad_token_id
+
+    def runner(k: int | None, batches: list[common.Batch]):
+        """k tasks round-robin (None: one task through the per-row gather path)."""
+        state = {"offset": 0}
+
+        def call(batch: common.Batch):
+            b = batch.shape[0]
+            if k is None:
+                eb = replace(common.engine_batch(engine, batch, [rows[0]] * b), single_row=None)
+            else:
+                chosen = [rows[(state["offset"] + i) % k] for i in range(b)]
+                state["offset"] = (state["offset"] + b) % k
+                eb = common.engine_batch(engine, batch, chosen)
+            return engine.forward(eb)
+
+        return common.cycling(call, batches)
+
+    results = {}
+    for b in batch_sizes:
+        batches = common.batches_of(texts, b, 4, pad_id, args.device, seed=args.seed + b)
+        variants = {"1": runner(1, batches), "1_gather": runner(None, batches)}
+        variants.update({str(k): runner(k, batches) for k in mixes})
+        times = common.interleave(variants, reps=reps, device=args.device)
+        case = {"batch_shapes": [x.shape for x in batches]}
+        for v, t in times.items():
+            case[v] = {"median_s": common.stats(t)["median"], "raw_s": t,
+                       "distinct_tasks_per_batch": 1 if v.startswith("1") else min(int(v), b)}
+            case[v]["seq_per_s"] = b / case[v]["median_s"]
+        for v in times:
+            case[v]["ratio_vs_one_task"] = case[v]["seq_per_s"] / case["1"]["seq_per_s"]
+        results[f"b{b}"] = case
+        print(f"batch {b:4d}: " + "  ".join(f"{v}: {case[v]['seq_per_s']:.1f} seq/s ({case[v]['ratio_vs_one_task']:.3f}x)"
+                                           for v in times))
+
+    common.write_result(args, NAME, {"model": str(path), "resident_tasks": len(rows), "cases": results}, load_before)
+    plot(args, results)
+
+
+def plot(args, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = [v for v in next(iter(results.values())) if v != "batch_shapes"]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    x = list(range(len(results)))
+    width = 0.8 / len(variants)
+    for j, v in enumerate(variants):
+        offs = [i - 0.4 + width * (j + 0.5) for i in x]
+        a.bar(offs, [results[c][v]["seq_per_s"] for c in results], width, label=f"{v} task(s)")
+        b.bar(offs, [results[c][v]["ratio_vs_one_task"] for c in results], width, label=f"{v} task(s)")
+    for ax in (a, b):
+        ax.set_xticks(x, list(results))
+        ax.set_xlabel("batch size")
+    a.set_ylabel("sequences / s (median)")
+    a.set_yscale("log")
+    b.set_ylabel("throughput / one-task throughput")
+    b.axhline(1.0, color="k", lw=0.8)
+    b.axhline(0.98, color="r", lw=0.8, ls="--", label="target 0.98x")
+    b.set_ylim(0.8, 1.1)
+    b.legend(fontsize=7, ncol=2)
+    fig.suptitle(f"mixed-task overhead ({args.model}, {args.device} {args.dtype}, {args.threads} threads)")
+    fig.tight_layout()
+    fig.savefig(common.plot_path(args, NAME), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Engine vs swapping each task's values into one HF model per sub-batch (the naive multi-task server).
+
+    python -m benchmarks.vs_swap                     # MiniLM, CPU fp32, 2 threads
+    python -m benchmarks.vs_swap --model bert-base --suffix _bertbase --reps 4
+    python -m benchmarks.vs_swap --device cuda --dtype bf16 --suffix _gpu
+
+Baseline ``swap``: one ``AutoModelForSequenceClassification``; a batch holding k tasks is split
+into its k task groups; for each group the task's BitFit values and head are copied into the
+model's parameters, then the group runs (trimmed to its own longest sequence, which only helps
+the baseline). Engine: the whole batch in one forward, one bank row per sequence. ``hf_one_task``
+(one model, the whole batch, no swapping) is the single-task ceiling both are compared with.
+All three interleaved round-robin on the same GLUE batches, for k = 1, 2, 4, 8, 16, 32 (batch 32)
+and k = 64 (batch 64).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks import common
+from bitfit_serve.engine import Engine
+
+NAME = "vs_swap"
+
+
+def main() -> None:
+    p = common.parser(__doc__)
+    p.add_argument("--cases", default="32:1,32:2,32:4,32:8,32:16,32:32,64:64",
+                   help="batch:tasks pairs (a batch of B sequences spread round-robin over k tasks)")
+    args = p.parse_args()
+    common.setup(args)
+    load_before = common.load_average()
+    reps = args.reps or (2 if args.quick else 8)
+    cases = [tuple(int(v) for v in c.split(":")) for c in args.cases.split(",")]
+    if args.quick:
+        cases = [(8, 1), (8, 8)]
+    dtype = common.torch_dtype(args.dtype)
+    path = common.model_path(args.model)
+
+    factory = common.DeltaFactory(path)
+    n_tasks = max(k for _, k in cases)
+    deltas = [factory(f"task{i}", seed=i) for i in range(n_tasks)]
+    engine = Engine.from_pretrained(path, device=args.device, dtype=dtype)
+    rows = [engine.add_task(d).row for d in deltas]
+    hf = common.hf_classifier(path, factory.num_labels, dtype, args.device)
+    # Each task's values as tensors on the model's device and dtype, ready to copy in (no
+    # conversion inside the timed loop: the baseline gets its best case).
+    params = dict(hf.named_parameters())
+    prefix = hf.base_model_prefix + "."
+    staged = [[(params[prefix + n], v.to(device=args.device, dtype=dtype)) for n, v in d.sites.items()]
+              + [(hf.classifier.weight, d.head_weight.to(args.device, dtype)),
+                 (hf.classifier.bias, d.head_bias.to(args.device, dtype))] for d in deltas]
+    pad_id = engine.base.config.pad_token_id
+
+    @torch.inference_mode()
+    def run_swap(batch: common.Batch, tasks: list[int]) -> torch.Tensor:
+        out = torch.empty(batch.shape[0], factory.num_labels)
+        for t in sorted(set(tasks)):
+            for param, value in staged[t]:
+                param.copy_(value)
+            idx = [i for i, x in enumerate(tasks) if x == t]
+            width = max(batch.lengths[i] for i in idx)
+            sel = torch.tensor(idx, device=batch.input_ids.device)
+            logits = hf(input_ids=batch.input_ids[sel, :width], attention_mask=batch.attention_mask[sel, :width],
+                        token_type_ids=batch.token_type_ids[sel, :width]).logits
+            out[idx] = logits.float().cpu()
+        return out
+
+    @torch.inference_mode()
+    def run_hf(batch: common.Batch) -> torch.Tensor:
+        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                  token_type_ids=batch.token_type_ids).logits.float().cpu()
+
+    def run_engine(batch: common.Batch, tasks: list[int]) -> torch.Tensor:
+        return engine.forward(common.engine_batch(engine, batch, [rows[t] for t in tasks]))
+
+    texts = common.tokenize(engine.base.tokenizer, common.sample_texts(args.glue_dir, 2000, seed=args.seed))
+    results = {}
+    for b, k in cases:
+        batches = common.batches_of(texts, b, 4, pad_id, args.device, seed=args.seed + b)
+        tasks = [i % k for i in range(b)]
+        # Same rows, same values: both must give the same logits, or they do different work.
+        diff = float((run_engine(batches[0], tasks) - run_swap(batches[0], tasks)).abs().max())
+        times = common.interleave({
+            "engine": common.cycling(lambda x: run_engine(x, tasks), batches),
+            "swap": common.cycling(lambda x: run_swap(x, tasks), batches),
+            "hf_one_task": common.cycling(run_hf, batches),
+        }, reps=reps, device=args.device)
+        case = {"batch": b, "tasks_per_batch": k, "max_abs_logit_diff_engine_vs_swap": diff,
+                "batch_shapes": [x.shape for x in batches]}
+        for v, t in times.items():
+            med = common.stats(t)["median"]
+            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t}
+        case["ratio_engine_over_swap"] = case["engine"]["seq_per_s"] / case["swap"]["seq_per_s"]
+        case["ratio_engine_over_hf_one_task"] = case["engine"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
+        case["ratio_swap_over_hf_one_task"] = case["swap"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
+        results[f"b{b}_k{k}"] = case
+        print(f"batch {b:3d} tasks {k:3d}: engine {case['engine']['seq_per_s']:7.1f}  swap {case['swap']['seq_per_s']:7.1f}"
+              f"  hf(1 task) {case['hf_one_task']['seq_per_s']:7.1f} seq/s  engine/swap {case['ratio_engine_over_swap']:.2f}x"
+              f"  swap/hf {case['ratio_swap_over_hf_one_task']:.2f}x  (|diff| {diff:.1e})")
+
+    common.write_result(args, NAME, {"model": str(path), "sites_per_task": len(deltas[0].sites),
+                                     "cases": results}, load_before)
+    plot(args, results)
+
+
+def plot(args, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = [f"{c['tasks_per_batch']}\n(b{c['batch']})" for c in results.values()]
+    x = range(len(labels))
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for v, off in (("hf_one_task", -0.27), ("engine", 0.0), ("swap", 0.27)):
+        a.bar([i + off for i in x], [c[v]["seq_per_s"] for c in results.values()], 0.27,
+              label={"hf_one_task": "HF, one task (ceiling)", "engine": "engine, mixed", "swap": "swap per sub-batch"}[v])
+    a.set_xticks(list(x), labels)
+    a.set_xlabel("distinct tasks per batch")
+    a.set_ylabel("sequences / s (median)")
+    a.legend(fontsize=8)
+    b.plot(list(x), [c["ratio_engine_over_swap"] for c in results.values()], "o-", label="engine / swap")
+    b.plot(list(x), [c["ratio_engine_over_hf_one_task"] for c in results.values()], "s-", label="engine / HF one task")
+    b.axhline(1.3, color="r", lw=0.8, ls="--", label="target 1.3x (32 tasks)")
+    b.axhline(1.0, color="k", lw=0.8)
+    b.set_xticks(list(x), labels)
+    b.set_xlabel("distinct tasks per batch")
+    b.set_ylabel("throughput ratio")
+    b.legend(fontsize=8)
+    fig.suptitle(f"engine vs swap-per-sub-batch ({args.model}, {args.device} {args.dtype}, {args.threads} threads)")
+    fig.tight_layout()
+    fig.savefig(common.plot_path(args, NAME), dpi=110)
+
+
+if __name__ == "__main__":
+    main()

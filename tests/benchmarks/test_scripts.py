@@ -1,0 +1,56 @@
+"""Every benchmark script runs end to end in ``--quick`` mode on a tiny random BERT and a tiny
+GLUE-shaped folder, and writes its JSON and plot. Nothing here checks a timing."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+
+import pytest
+
+from benchmarks import common
+
+SCRIPTS = ["vs_hf", "mixed_tasks", "vs_swap", "vs_lora", "memory", "hot_add", "http_e2e"]
+
+SENTENCES = ["a gripping , beautifully made film .", "the plot is thin", "Nobody expected the results at all.",
+             "A man is playing a guitar on the street while people walk by and listen."]
+
+
+@pytest.fixture(scope="module")
+def glue_dir(tmp_path_factory):
+    """The dev files ``benchmarks.common.GLUE_DEV`` reads, a few rows each, in GLUE's layouts."""
+    root = tmp_path_factory.mktemp("glue")
+    for task, (file, columns, header) in common.GLUE_DEV.items():
+        path = root / file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        width = max(columns) + 1
+        rows = []
+        for i, s in enumerate(SENTENCES * 3):
+            row = [str(i)] * width
+            for j, c in enumerate(columns):
+                row[c] = SENTENCES[(i + j) % len(SENTENCES)] if j else s
+            rows.append("\t".join(row))
+        lines = (["\t".join(f"col{c}" for c in range(width))] if header else []) + rows
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return root
+
+
+def test_glue_reader_keeps_singles_and_pairs(glue_dir):
+    texts = common.glue_dev_texts(glue_dir)
+    assert all(isinstance(t, str) for t in texts["SST-2"] + texts["CoLA"])
+    assert all(isinstance(t, tuple) and len(t) == 2 for t in texts["RTE"] + texts["MRPC"])
+
+
+@pytest.mark.parametrize("name", SCRIPTS)
+def test_script_runs_quick(name, tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    module = importlib.import_module(f"benchmarks.{name}")
+    monkeypatch.setattr(sys, "argv", [f"benchmarks/{name}.py", "--quick", "--model", str(tiny_bert_dir),
+                                      "--glue-dir", str(glue_dir), "--out", str(tmp_path)])
+    module.main()
+    record = json.loads((tmp_path / f"{name}.json").read_text())
+    assert record["benchmark"] == name
+    assert record["environment"]["torch"]
+    assert record["command"].startswith(f"python -m benchmarks.{name} --quick")
+    assert set(record["load_average_1min"]) == {"before", "after"}
+    assert (tmp_path / f"{name}.png").stat().st_size > 0
