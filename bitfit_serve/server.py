@@ -192,19 +192,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     def require_admin(request: Request) -> None:
         if settings.admin_token is None:
             return  # no token configured: settings only allow that on loopback or when told explicitly
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("admin route: send 'Authorization: Bearer <admin token>'")
-        if not hmac.compare_digest(token.strip().encode(), settings.admin_token.encode()):
+        token = _bearer_token(request, "admin route: send 'Authorization: Bearer <admin token>'")
+        if not hmac.compare_digest(token, settings.admin_token.encode()):
             raise Forbidden("admin route: the token is not valid")
 
     def require_api_key(request: Request) -> None:
         if settings.api_key is None:
             return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthorized("send 'Authorization: Bearer <api key>'")
-        token = token.strip().encode()
+        token = _bearer_token(request, "send 'Authorization: Bearer <api key>'")
         # Both compares always run: the time taken says nothing about which key came close.
         valid = [hmac.compare_digest(token, key.encode()) for key in (settings.api_key, settings.admin_token) if key]
         if not any(valid):
@@ -307,6 +302,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
 
 
 # ----------------------------------------------------------------------------- helpers
+
+def _bearer_token(request: Request, missing: str) -> bytes:
+    """The token of an ``Authorization: Bearer <token>`` header; Unauthorized(missing) without one."""
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthorized(missing)
+    return token.strip().encode()
+
 
 def _check_limits(settings: Settings, inputs_per_item: Sequence[Sequence[str | Sequence[str]]]) -> None:
     total = sum(len(inputs) for inputs in inputs_per_item)
