@@ -46,6 +46,7 @@ class Settings:
     log_level: str = "info"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "deltas", Path(self.deltas))  # a str from a caller is fine too
         for f in fields(self):
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or value < 1) and f.name != "port":
@@ -61,11 +62,6 @@ class Settings:
                 f"refusing to listen on {self.host!r} with admin routes (upload/delete) open to the network: "
                 f"set an admin token (--admin-token or {ENV_PREFIX}ADMIN_TOKEN), listen on 127.0.0.1, "
                 f"or pass --allow-insecure-admin")
-
-    @property
-    def admin_open(self) -> bool:
-        """Admin routes need no token (none configured)."""
-        return self.admin_token is None
 
 
 def is_loopback(host: str) -> bool:

@@ -41,8 +41,10 @@ class DeltaWatcher:
         await asyncio.wait([self._task, active], timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         active.cancel()
         if self._task.done():
-            self._task.result()  # raises what stopped it
-        if not self._active.is_set():
+            # e.g. the OS limit on watches: serving goes on, the folder is read only at start-up
+            log.error("cannot watch %s (%s); folder changes will not be picked up until a restart",
+                      self.store.root, self._task.exception())
+        elif not self._active.is_set():
             log.warning("the folder watch did not confirm within %.0f s; continuing", timeout)
 
     async def stop(self) -> None:
@@ -50,12 +52,8 @@ class DeltaWatcher:
         if self._task is not None:
             try:
                 await asyncio.wait_for(self._task, timeout=5)
-            except (asyncio.TimeoutError, Exception):  # a dead watcher must not block shutdown
+            except Exception:  # a timeout, or the error that ended the watch: neither may block shutdown
                 self._task.cancel()
-
-    @property
-    def running(self) -> bool:
-        return self._task is not None and not self._task.done()
 
     async def _run(self) -> None:
         try:

@@ -160,3 +160,5 @@ def test_open_admin_routes_only_on_loopback_unless_told(tmp_path):
     Settings(host="localhost")
     with pytest.raises(ValueError, match="empty"):
         Settings(admin_token=" ")
+    with pytest.raises(ValueError, match="max_queue"):
+        Settings(max_queue=0)
