@@ -14,3 +14,13 @@ def scale():
 
 # The server tests' fixtures (tiny engine, cached delta bytes, anyio on asyncio), shared here.
 from tests.server.conftest import anyio_backend, delta_bytes, deltas_dir, engine, hf_base, make_delta  # noqa: E402,F401
+
+
+@pytest.fixture(scope="session")
+def zygote():
+    """Forks ``bitfit-serve serve`` processes from one pre-imported process (fast restarts)."""
+    from tests.reliability.live import Zygote
+
+    z = Zygote()
+    yield z
+    z.close()

@@ -21,18 +21,11 @@ import httpx
 import pytest
 
 from bitfit_serve import delta as delta_io
-from tests.reliability.live import LiveServer, Zygote
+from tests.reliability.live import LiveServer
 
 OCTET = {"Content-Type": "application/octet-stream"}
 TASKS = [f"t{i}" for i in range(5)]
 VERSIONS = 3
-
-
-@pytest.fixture(scope="module")
-def zygote():
-    z = Zygote()
-    yield z
-    z.close()
 
 
 @pytest.fixture(scope="module")
