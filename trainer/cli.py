@@ -19,12 +19,23 @@ import typer
 
 from trainer import schemes
 from trainer.data import TaskData, glue_task_name, load_files, load_glue, load_hf_folder, subsample
+from trainer.grid import Budget
 from trainer.train import SCHEDULES, TrainArgs, default_lr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train BitFit deltas and their variants; evaluate them through the serving engine.")
 
 GLUE_DIR_HELP = "GLUE folder (TASK/train.tsv, TASK/dev.tsv); env GLUE_DIR"
+
+
+THREADS_HELP = "torch CPU threads (on a CPU shared with other jobs, 1 avoids OpenMP spin-waiting)"
+
+
+def _set_threads(threads: Optional[int]) -> None:
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _glue_dir(value: Optional[Path]) -> Path:
@@ -74,10 +85,13 @@ def train(
     regression: bool = typer.Option(False, help="the label is a number (MSE, one output)"),
     labels: List[str] = typer.Option([], "--label", help="class names in class-id order (default: sorted)"),
     progress: bool = typer.Option(True, help="progress bars"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Train one scheme on one task; write the delta (or record / checkpoint) and a run record."""
     from trainer.export import write_outputs
     from trainer.train import train as run_training
+
+    _set_threads(threads)
 
     if scheme not in schemes.SCHEMES:
         raise typer.BadParameter(f"unknown scheme {scheme!r}; choose one of {', '.join(schemes.SCHEMES)}")
@@ -148,29 +162,33 @@ def grid(
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="where accuracy.md/json go"),
     model: str = typer.Option("default"),
     tables: str = typer.Option("1,3,2", help="tables to run, in priority order"),
-    epochs: int = typer.Option(3, help="Table 1 epochs (encoder-training schemes)"),
-    frozen_epochs: int = typer.Option(20, help="head-only epochs on cached features"),
-    table2_epochs: int = typer.Option(2),
-    table3_epochs: int = typer.Option(4),
-    seeds: int = typer.Option(3, help="seeds for bitfit/full/frozen on RTE and MRPC"),
-    sst2_examples: int = typer.Option(8000, help="SST-2 train subsample for Table 1"),
-    table2_cola_examples: int = typer.Option(4000, help="CoLA train subsample for Table 2 (0 = all)"),
-    bias_lr_scale: float = typer.Option(1.0, help="multiplies the paper's bias-scheme learning rates"),
-    frozen_lr: float = typer.Option(1e-3),
+    epochs: int = typer.Option(Budget.epochs, help="Tables 1-2 epochs (encoder-training schemes)"),
+    frozen_epochs: int = typer.Option(Budget.frozen_epochs, help="head-only epochs on cached features"),
+    table3_epochs: int = typer.Option(Budget.table3_epochs),
+    seeds: int = typer.Option(Budget.seeds, help="seeds for bitfit/full/frozen on RTE and MRPC"),
+    rte_examples: int = typer.Option(Budget.rte_examples or 0, help="train subsample, 0 = all"),
+    mrpc_examples: int = typer.Option(Budget.mrpc_examples or 0, help="train subsample, 0 = all"),
+    cola_examples: int = typer.Option(Budget.cola_examples or 0, help="train subsample, 0 = all"),
+    stsb_examples: int = typer.Option(Budget.stsb_examples or 0, help="train subsample, 0 = all"),
+    sst2_examples: int = typer.Option(Budget.sst2_examples or 0, help="train subsample, 0 = all"),
+    lr_scale: float = typer.Option(Budget.lr_scale, help="multiplies the paper's bias-scheme rates"),
+    frozen_lr: float = typer.Option(Budget.frozen_lr),
     stop_after: Optional[str] = typer.Option(None, help="UTC time HH:MM after which no new run starts"),
     dry_run: bool = typer.Option(False, help="print the plan and exit"),
     progress: bool = typer.Option(True),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Run the accuracy grid (Tables 1-3) and write accuracy.md/json; resumable."""
+    _set_threads(threads)
     import time
     from datetime import datetime, timezone
 
-    from trainer.grid import Budget, plan, run_grid
+    from trainer.grid import plan, run_grid
 
-    budget = Budget(epochs=epochs, frozen_epochs=frozen_epochs, table2_epochs=table2_epochs,
-                    table3_epochs=table3_epochs, seeds=seeds, sst2_examples=sst2_examples,
-                    table2_cola_examples=table2_cola_examples or None, bias_lr_scale=bias_lr_scale,
-                    frozen_lr=frozen_lr)
+    budget = Budget(epochs=epochs, frozen_epochs=frozen_epochs, table3_epochs=table3_epochs, seeds=seeds,
+                    rte_examples=rte_examples or None, mrpc_examples=mrpc_examples or None,
+                    cola_examples=cola_examples or None, stsb_examples=stsb_examples or None,
+                    sst2_examples=sst2_examples or None, lr_scale=lr_scale, frozen_lr=frozen_lr)
     order = tuple(t.strip() for t in tables.split(",") if t.strip())
     if dry_run:
         for run in plan(budget, order):
