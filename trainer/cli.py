@@ -175,6 +175,7 @@ def grid(
     frozen_lr: float = typer.Option(Budget.frozen_lr),
     stop_after: Optional[str] = typer.Option(None, help="UTC time HH:MM after which no new run starts"),
     dry_run: bool = typer.Option(False, help="print the plan and exit"),
+    tables_only: bool = typer.Option(False, help="rewrite accuracy.md/json from existing records, run nothing"),
     progress: bool = typer.Option(True),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
@@ -183,7 +184,7 @@ def grid(
     import time
     from datetime import datetime, timezone
 
-    from trainer.grid import plan, run_grid
+    from trainer.grid import plan, run_grid, write_tables
 
     budget = Budget(epochs=epochs, frozen_epochs=frozen_epochs, table3_epochs=table3_epochs, seeds=seeds,
                     rte_examples=rte_examples or None, mrpc_examples=mrpc_examples or None,
@@ -194,6 +195,11 @@ def grid(
         for run in plan(budget, order):
             done = (runs_dir / f"{run.key}.run.json").exists()
             typer.echo(f"table {run.table}  {run.key}{'  (done)' if done else ''}")
+        return
+    if tables_only:
+        result = write_tables(budget, runs_dir, results_dir, order)
+        typer.echo(json.dumps({"completed_runs": result["completed_runs"], "planned_runs": result["planned_runs"],
+                               "table1_average": result["table1_average"]}, indent=2))
         return
     deadline = None
     if stop_after:

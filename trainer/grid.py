@@ -70,11 +70,11 @@ class Budget:
     table3_epochs: int = 3
     seeds: int = 3  # for MULTI_SEED_SCHEMES on MULTI_SEED_TASKS; 1 elsewhere
     # seeded train subsamples for Tables 1 and 2 (None = the whole train set); dev sets are never cut
-    rte_examples: int | None = None  # of 2,490
-    mrpc_examples: int | None = 2000  # of 3,668
-    cola_examples: int | None = 4000  # of 8,551
-    stsb_examples: int | None = 3000  # of 5,749
-    sst2_examples: int | None = 4000  # of 67,349
+    rte_examples: int | None = 1500  # of 2,490
+    mrpc_examples: int | None = 1500  # of 3,668
+    cola_examples: int | None = 3000  # of 8,551
+    stsb_examples: int | None = 2000  # of 5,749
+    sst2_examples: int | None = 3000  # of 67,349
     lr_scale: float = 5.0  # multiplies the paper's rates (bias schemes and full; not the frozen head)
     frozen_lr: float = 1e-3
 

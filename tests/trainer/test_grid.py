@@ -20,7 +20,7 @@ def test_plan_priorities_and_counts():
     assert [r.table for r in runs] == sorted([r.table for r in runs], key=["1", "3", "2"].index)
     assert len(runs) == 20 + 2 * 2 * 3 + 6 + 27
     assert len({r.key for r in runs}) == len(runs)
-    assert all(r.max_train_examples == 4000 for r in runs if r.table in "12" and r.task in ("sst2", "cola"))
+    assert all(r.max_train_examples == 3000 for r in runs if r.table in "12" and r.task in ("sst2", "cola"))
     assert all(r.lr == pytest.approx(2e-5 * 5) for r in runs if r.scheme == "full")
     assert {r.seed for r in runs if r.task == "rte" and r.scheme == "bitfit"} == {0, 1, 2}
 
