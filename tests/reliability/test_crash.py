@@ -107,7 +107,7 @@ def operate(url: str, pool, ledger: Ledger, rng: random.Random, stop: threading.
 
 def test_kill_9_during_put_replace_delete(tiny_bert_dir, tmp_path, pool, zygote, scale, record_property):
     deltas = tmp_path / "deltas"
-    kills = scale(ci=5, full=100)
+    kills = scale(ci=4, full=100)
     rng = random.Random(0)
     ledger = Ledger(acked={t: None for t in TASKS})
     server = LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", zygote=zygote)

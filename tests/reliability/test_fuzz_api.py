@@ -104,9 +104,9 @@ def test_fuzz_in_process(tiny_bert_dir, seeded, scale, record_property):
     _check(stats, "in_process", minimum=5 * examples)
 
 
-def test_fuzz_live_server(tiny_bert_dir, seeded, tmp_path, scale, record_property):
+def test_fuzz_live_server(tiny_bert_dir, seeded, tmp_path, zygote, scale, record_property):
     examples = scale(ci=4, full=250)
-    with LiveServer(tiny_bert_dir, seeded, tmp_path / "server.log") as server:
+    with LiveServer(tiny_bert_dir, seeded, tmp_path / "server.log", zygote=zygote) as server:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         stats = FuzzStats()
         _fuzz(schema, examples, stats, base_url=server.url, timeout=30)

@@ -4,6 +4,10 @@ inference worker dies or hangs; SIGTERM under load drains (no new work, 0 in-fli
 from __future__ import annotations
 
 import asyncio
+import json
+import math
+import os
+import signal
 import threading
 import time
 
@@ -80,3 +84,63 @@ async def test_dead_worker_turns_readiness_503_within_2s(engine, deltas_dir, del
         assert detected < DETECT_S
         assert_error(await pending, 503, "not_ready")  # answered, not left hanging
         assert (await client.get("/health")).status_code == 200
+
+
+def test_sigterm_under_load_drains(tiny_bert_dir, tmp_path, delta_bytes, record_property):
+    """The real console script under load gets SIGTERM: every request it had received is answered
+    200, nothing new is admitted (connections refused, or 503), and it exits 0."""
+    deltas = tmp_path / "deltas"
+    write_delta(deltas, "drain", delta_bytes("drain"))
+    body = json.dumps({"inputs": [(s + " ") * 6 for s in SENTENCES] * 32}).encode()  # ~0.1-0.5 s each
+    server = LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", args=("--log-level", "info")).start()
+    results: list[tuple[float, float, float, int | str]] = []  # (start, sent, end, status or error)
+
+    async def client(stop_at: float):
+        while time.monotonic() < stop_at:
+            start, sent = time.monotonic(), math.inf
+            try:
+                reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+                writer.write(b"POST /v1/tasks/drain/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                             b"Connection: close\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+                await writer.drain()
+                sent = time.monotonic()
+                answer = await asyncio.wait_for(reader.read(), 60)
+                writer.close()
+                status = int(answer[9:12]) if answer.startswith(b"HTTP/1.1 ") else "no answer"
+            except (OSError, asyncio.TimeoutError) as e:
+                status = type(e).__name__
+            results.append((start, sent, time.monotonic(), status))
+            if isinstance(status, str):
+                await asyncio.sleep(0.01)
+
+    async def scenario() -> float:
+        loop_end = time.monotonic() + 3.0
+        clients = [asyncio.create_task(client(loop_end)) for _ in range(8)]
+        await asyncio.sleep(1.5)
+        t_signal = time.monotonic()
+        os.kill(server.pid, signal.SIGTERM)
+        await asyncio.gather(*clients)
+        return t_signal
+
+    try:
+        t_signal = asyncio.run(scenario())
+        deadline = time.monotonic() + 60
+        while server.alive and time.monotonic() < deadline:
+            time.sleep(0.05)
+        exit_code = server.proc.poll()
+    finally:
+        server.kill()
+    # Sent before the signal and not answered by then: in flight.
+    in_flight = [r for r in results if r[1] < t_signal < r[2]]
+    after = [r for r in results if r[0] > t_signal]
+    summary = {"requests": len(results), "in_flight_at_sigterm": len(in_flight),
+               "in_flight_dropped": sum(1 for r in in_flight if r[3] != 200),
+               "after_sigterm": len(after),
+               "after_sigterm_outcomes": sorted({str(r[3]) for r in after}), "exit_code": exit_code}
+    record_property("sigterm_drain", summary)
+    print(f"\nSIGTERM drain: {summary}")
+    assert in_flight and summary["in_flight_dropped"] == 0, summary
+    assert all(r[3] in (503, "ConnectionRefusedError") for r in after if r[0] > t_signal + 0.5), summary
+    assert all(r[3] == 200 for r in results if r[2] < t_signal)
+    # uvicorn re-raises the signal after a graceful shutdown: -15, with the lifespan finished.
+    assert exit_code in (0, -signal.SIGTERM) and "Finished server process" in server.log_tail(), server.log_tail()

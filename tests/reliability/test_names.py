@@ -88,14 +88,14 @@ async def test_traversal_through_put_and_delete(engine, tmp_path, delta_bytes, s
     assert len(payloads) >= 1000
 
 
-def test_traversal_through_a_live_server(tiny_bert_dir, tmp_path, delta_bytes, scale):
+def test_traversal_through_a_live_server(tiny_bert_dir, tmp_path, delta_bytes, zygote, scale):
     """A sample as raw request lines to the real server (its own URL parsing, then ours)."""
     root, store = sandbox(tmp_path)
     body = delta_bytes("victim", seed=3)
     payloads = _sample(traversal_payloads(), scale(ci=100, full=1000))
     before = snapshot(root)
     bad = []
-    with LiveServer(tiny_bert_dir, store, tmp_path / "server.log", args=("--no-watch",)) as server:
+    with LiveServer(tiny_bert_dir, store, tmp_path / "server.log", args=("--no-watch",), zygote=zygote) as server:
         for payload in payloads:
             for target in (payload.encode("utf-8", "surrogatepass"), quote(payload, safe="").encode()):
                 for method in (b"PUT", b"DELETE"):

@@ -85,23 +85,23 @@ async def watch_queue(client: httpx.AsyncClient, stop: asyncio.Event, seen: list
 async def test_overload_at_4x_capacity(tiny_bert_dir, tmp_path, delta_bytes, zygote, scale, record_property):
     deltas = tmp_path / "deltas"
     write_delta(deltas, "load", delta_bytes("load"))
-    overload_s = scale(ci=5, full=30)
+    overload_s = scale(ci=3, full=30)
     args = ("--no-watch", "--max-queue", str(MAX_QUEUE))
     with LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", zygote=zygote, args=args) as server:
         limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
         async with httpx.AsyncClient(base_url=server.url, timeout=60, limits=limits) as client, \
                 httpx.AsyncClient(base_url=server.url, timeout=10) as probe:
             await closed_loop(client, 1.0, 2)  # warm-up
-            statuses, base_lat = await closed_loop(client, scale(ci=3, full=10), 4)
+            statuses, base_lat = await closed_loop(client, scale(ci=2, full=10), 4)
             assert set(statuses) == {200}
-            capacity = len(statuses) / scale(ci=3, full=10)
+            capacity = len(statuses) / scale(ci=2, full=10)
             stop, depths = asyncio.Event(), []
             watcher = asyncio.create_task(watch_queue(probe, stop, depths))
             results = await open_loop(server.port, 4 * capacity, overload_s)
             stop.set()
             await watcher
             await asyncio.sleep(1.0)
-            rec_statuses, rec_lat = await closed_loop(client, scale(ci=3, full=10), 2)
+            rec_statuses, rec_lat = await closed_loop(client, scale(ci=2, full=10), 2)
             ready = (await probe.get("/ready")).json()
         assert server.alive
     accepted = [lat for status, lat, _ in results if status == 200]

@@ -4,7 +4,7 @@ test_churn.py).
 * HTTP churn in-process: PUT (add / replace) and DELETE cycles through the app; RSS drift after
   warm-up < 2%, bank rows reused, the folder holds exactly the served set.
 * Soak on a live server: an open loop at 70% of the measured capacity with a replace every 5 s,
-  for ``BITFIT_SOAK_S`` seconds (CI: 20 s; the issue's full run: >= 900 s): 0 non-200 answers,
+  for ``BITFIT_SOAK_S`` seconds (CI: 15 s; the issue's full run: >= 900 s): 0 non-200 answers,
   every answer's version belongs to its task, and the server's RSS is flat (median of the last
   quarter vs the second quarter, < 2%).
 """
@@ -68,7 +68,7 @@ async def test_http_churn_does_not_leak(engine, deltas_dir, delta_bytes, scale, 
 
 
 def soak_seconds() -> float:
-    return float(os.environ.get("BITFIT_SOAK_S", 900 if FULL else 20))
+    return float(os.environ.get("BITFIT_SOAK_S", 900 if FULL else 15))
 
 
 @pytest.mark.anyio

@@ -139,9 +139,10 @@ def _send_until_answer(sock: socket.socket, head: bytes, chunk: bytes, max_bytes
     return sent, answer
 
 
-def test_live_server_body_cap_with_lying_or_missing_length(tiny_bert_dir, tmp_path):
+def test_live_server_body_cap_with_lying_or_missing_length(tiny_bert_dir, tmp_path, zygote):
     deltas = tmp_path / "deltas"
-    with LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", args=("--max-upload-bytes", str(CAP))) as server:
+    with LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", args=("--max-upload-bytes", str(CAP)),
+                    zygote=zygote) as server:
         port = server.port
         # Chunked, no Content-Length: answered 413 long before the client is done.
         chunk = b"%x\r\n" % CHUNK + b"\0" * CHUNK + b"\r\n"

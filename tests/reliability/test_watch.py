@@ -66,7 +66,7 @@ async def test_slow_writes_are_never_served_half_written(engine, deltas_dir, del
     old, new = delta_bytes("slow", seed=1), delta_bytes("slow", seed=2)
     v_old, v_new = (delta_io.sha256_bytes(d)[:16] for d in (old, new))
     write_delta(deltas_dir, "fresh-neighbour", delta_bytes("fresh-neighbour"))
-    rounds = scale(ci=2, full=10)
+    rounds = scale(ci=1, full=10)
     seen_all = []
     async with serving(engine, deltas_dir, watch=True) as client:
         for _ in range(rounds):
