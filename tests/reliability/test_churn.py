@@ -18,7 +18,7 @@ def _rss() -> int:
     return psutil.Process().memory_info().rss
 
 
-def test_add_replace_delete_cycles_do_not_leak(tiny_bert_dir, scale):
+def test_add_replace_delete_cycles_do_not_leak(tiny_bert_dir, scale, record_property):
     _, _, hf = load_hf_base(tiny_bert_dir)
     engine = Engine.from_pretrained(tiny_bert_dir)
     # A fixed pool of pre-serialized files: the loop measures the engine, not the test's allocations.
@@ -38,6 +38,8 @@ def test_add_replace_delete_cycles_do_not_leak(tiny_bert_dir, scale):
             victim = rng.choice(engine.tasks()).task
             engine.remove_task(victim)
     drift = (_rss() - rss_after_warmup) / rss_after_warmup
+    record_property("engine_churn", {"cycles": cycles, "rss_drift": round(drift, 4),
+                                     "bank_capacity": engine.banks.capacity})
     assert drift < 0.02, f"RSS grew {drift:.1%} over {cycles - warmup} cycles"
     assert engine.banks.capacity == rows_after_warmup, "freed rows must be reused, not grown past"
     assert engine.banks.rows_in_use == len(engine.tasks()) <= 20

@@ -33,7 +33,7 @@ def test_corpus_is_large_and_unique(served):
     assert len(ids) >= 200 and len(set(ids)) == len(ids)
 
 
-def test_every_malformed_delta_is_rejected_and_nothing_changes(served):
+def test_every_malformed_delta_is_rejected_and_nothing_changes(served, record_property):
     engine, good = served
     before_scores, before_rows = _snapshot(engine), engine.banks.rows_in_use
     before_versions = {v.task: v.version for v in engine.tasks()}
@@ -47,6 +47,7 @@ def test_every_malformed_delta_is_rejected_and_nothing_changes(served):
             unexpected.append(f"{case_id}: {type(e).__name__}: {e}")
         else:
             unexpected.append(f"{case_id}: accepted")
+    record_property("corpus_engine", {"cases": sum(1 for _ in malformed_deltas(good)), "unexpected": len(unexpected)})
     assert not unexpected, "\n".join(unexpected)
     assert "victim" not in engine.registry
     assert engine.banks.rows_in_use == before_rows
