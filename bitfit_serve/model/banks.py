@@ -14,6 +14,8 @@ it (the registry frees rows only when they are idle), so in-place row writes nev
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import threading
 from dataclasses import dataclass
 from typing import Mapping
@@ -33,6 +35,23 @@ def grown_capacity(capacity: int) -> int:
     doubling would leave up to half of a large bank unused (10,000 tasks -> 16,384 rows), +1/8 at
     most ~11% (-> 11,072 rows), for a few more (amortised O(1)) copies while growing."""
     return capacity + min(capacity, max(GROWTH_MIN_ROWS, capacity // 8))
+
+
+@functools.cache
+def _malloc_trim():
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return None  # not glibc (macOS, musl): nothing to do
+
+
+def release_freed_memory() -> None:
+    """Return the pages of replaced banks to the OS. glibc keeps freed heap memory for reuse, and
+    an old bank never fits the bigger new one, so without this resident memory keeps about one
+    old copy of the banks (10,000 MiniLM tasks: RSS +2.3 GiB for 1.1 GiB of banks)."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
 @dataclass(frozen=True)
@@ -158,3 +177,5 @@ class Banks:
             pooling=grown(old.pooling, 0),
         )
         self._capacity = capacity
+        del old  # a forward still running keeps its own view; its pages go at a later trim
+        release_freed_memory()
