@@ -228,7 +228,7 @@ class Batcher:
 
     def _run_batch(self, batch: list[_Seq]) -> None:
         engine = self.engine
-        tokens = len(batch[-1]) * len(batch)
+        tokens = len(batch[-1]) * len(batch)  # padded: the batch is sorted by length
         start = time.perf_counter()
         self._state.overdue_at = time.monotonic() + STALL_S + STALL_FACTOR * self._s_per_token * tokens
         try:
@@ -241,11 +241,12 @@ class Batcher:
             return
         finally:
             self._state.overdue_at = None
-        self._s_per_token = 0.8 * self._s_per_token + 0.2 * (time.perf_counter() - start) / tokens
+        elapsed = time.perf_counter() - start
+        self._s_per_token = 0.8 * self._s_per_token + 0.2 * elapsed / tokens
         if self.metrics is not None:
-            self.metrics.forward_seconds.observe(time.perf_counter() - start)
+            self.metrics.forward_seconds.observe(elapsed)
             self.metrics.batch_size.observe(len(batch))
-            self.metrics.batch_tokens.observe(len(batch[-1]) * len(batch))
+            self.metrics.batch_tokens.observe(tokens)
         for seq, prediction in zip(batch, predictions):
             self._account(seq, prediction=prediction)
 
