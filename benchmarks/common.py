@@ -3,6 +3,11 @@
 Nothing here times anything by itself; each script in this folder states its own command in its
 docstring and writes ``benchmarks/results/<name>.json`` (+ ``.png``) through :func:`write_result`.
 
+Run them as ``OMP_WAIT_POLICY=PASSIVE python -m benchmarks.<name>`` on a machine shared with other
+work: libgomp's default spin-waiting makes each of a forward's ~100 parallel ops wait for a thread
+the OS has descheduled (MiniLM 32x32 tokens, 2 threads, load 13 on 2 cores: 315 ms median per
+forward spinning vs 2.3 ms passive). The value is recorded with the command.
+
 Fairness rules every script follows:
 * all variants of one comparison run in one process, interleaved round-robin (the order rotates
   each repetition), on identical pre-tokenized batches, same dtype, same thread count;
@@ -68,6 +73,10 @@ def setup(args: argparse.Namespace) -> None:
     random.seed(args.seed)
     if args.quick and args.model == "minilm":
         args.model = "tiny"
+    if os.environ.get("OMP_WAIT_POLICY", "").upper() != "PASSIVE" and load_average() > (os.cpu_count() or 1):
+        print(f"warning: load average {load_average()} > {os.cpu_count()} cores and OMP_WAIT_POLICY is not "
+              f"PASSIVE: spinning OpenMP threads will dominate the timings (run with OMP_WAIT_POLICY=PASSIVE)",
+              file=sys.stderr)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch sees no CUDA device")
 
@@ -114,6 +123,10 @@ def environment(device: str = "cpu") -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "device": device,
+        # libgomp's default spin-waiting turns every parallel op into a wait for a descheduled
+        # thread when other processes hold the cores; PASSIVE makes waiting threads sleep.
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
     }
     try:
         import peft
@@ -134,7 +147,9 @@ def environment(device: str = "cpu") -> dict:
 
 
 def command() -> str:
-    return "python -m benchmarks." + Path(sys.argv[0]).stem + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
+    """The command line that ran, with the OpenMP variables it ran under."""
+    env = "".join(f"{k}={os.environ[k]} " for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS") if k in os.environ)
+    return env + "python -m benchmarks." + Path(sys.argv[0]).stem + "".join(" " + shlex.quote(a) for a in sys.argv[1:])
 
 
 def write_result(args: argparse.Namespace, name: str, payload: dict, load_before: float) -> Path:
@@ -379,9 +394,13 @@ def engine_batch(engine, batch: Batch, rows: Sequence[int]):
 
 # ---------------------------------------------------------------------------------------- timing
 def interleave(variants: Mapping[str, Callable[[], object]], reps: int, warmup: int = 1,
-               device: str = "cpu") -> dict[str, list[float]]:
+               device: str = "cpu", cpu_out: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
     """Seconds per call of each variant, run round-robin; the order rotates every repetition so no
-    variant always follows the same neighbour (cache state, thermal, the other agents' load)."""
+    variant always follows the same neighbour (cache state, thermal, the other agents' load).
+
+    ``cpu_out`` (optional) receives the process CPU seconds of each call (all threads): unlike wall
+    time it barely moves when other processes take the cores, so on a shared machine it is the
+    steadier measure of the work each variant does."""
     names = list(variants)
     for _ in range(warmup):
         for n in names:
@@ -391,10 +410,12 @@ def interleave(variants: Mapping[str, Callable[[], object]], reps: int, warmup: 
     for r in range(reps):
         order = names[r % len(names):] + names[: r % len(names)]
         for n in order:
-            start = time.perf_counter()
+            cpu_start, start = time.process_time(), time.perf_counter()
             variants[n]()
             sync(device)
             times[n].append(time.perf_counter() - start)
+            if cpu_out is not None:
+                cpu_out.setdefault(n, []).append(time.process_time() - cpu_start)
     return times
 
 
@@ -442,6 +463,26 @@ def matmul_rate(device: str, dtype: torch.dtype, reps: int = 20, rows: int = 409
         per_shape[f"{m}x{k}x{n}"] = rate
         best = max(best, rate)
     return {"flops_per_s": best, "per_shape_flops_per_s": per_shape}
+
+
+def gemm_probe(config, tokens: int, device: str, dtype: torch.dtype) -> tuple[Callable[[], object], float]:
+    """A callable doing one encoder layer's four projection matmuls (fused QKV, attention output,
+    MLP in, MLP out) on random [tokens, *] inputs, and its FLOPs. Timed interleaved with the
+    forwards, it gives the matmul rate under the same contention as they run, the denominator of
+    the "fraction of the matmul rate" figure."""
+    h, i = config.hidden_size, config.intermediate_size
+    x = torch.randn(tokens, h, device=device, dtype=dtype)
+    mid = torch.randn(tokens, i, device=device, dtype=dtype)
+    weights = [torch.randn(3 * h, h, device=device, dtype=dtype), torch.randn(h, h, device=device, dtype=dtype),
+               torch.randn(i, h, device=device, dtype=dtype)]
+    w_out = torch.randn(h, i, device=device, dtype=dtype)
+
+    def run():
+        for w in weights:
+            torch.nn.functional.linear(x, w)
+        return torch.nn.functional.linear(mid, w_out)
+
+    return run, float(2 * tokens * (3 * h * h + h * h + 2 * h * i))
 
 
 def cycling(fn: Callable[[object], object], items: Sequence[object]) -> Callable[[], object]:

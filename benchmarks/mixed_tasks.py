@@ -59,14 +59,17 @@ def main() -> None:
         batches = common.batches_of(texts, b, 4, pad_id, args.device, seed=args.seed + b)
         variants = {"1": runner(1, batches), "1_gather": runner(None, batches)}
         variants.update({str(k): runner(k, batches) for k in mixes})
-        times = common.interleave(variants, reps=reps, device=args.device)
+        cpu: dict[str, list[float]] = {}
+        times = common.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
         case = {"batch_shapes": [x.shape for x in batches]}
         for v, t in times.items():
             case[v] = {"median_s": common.stats(t)["median"], "raw_s": t,
+                       "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v],
                        "distinct_tasks_per_batch": 1 if v.startswith("1") else min(int(v), b)}
             case[v]["seq_per_s"] = b / case[v]["median_s"]
         for v in times:
             case[v]["ratio_vs_one_task"] = case[v]["seq_per_s"] / case["1"]["seq_per_s"]
+            case[v]["cpu_ratio_vs_one_task"] = case["1"]["cpu_median_s"] / case[v]["cpu_median_s"]
         results[f"b{b}"] = case
         print(f"batch {b:4d}: " + "  ".join(f"{v}: {case[v]['seq_per_s']:.1f} seq/s ({case[v]['ratio_vs_one_task']:.3f}x)"
                                            for v in times))

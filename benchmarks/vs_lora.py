@@ -93,16 +93,19 @@ def main() -> None:
         # PEFT's own check that mixing is real: sequences on different adapters get different logits.
         probe = run_lora(model, common.pad([texts[0]] * 2, pad_id, args.device), 2)
         distinct = bool((probe[0] - probe[1]).abs().max() > 1e-4)
+        cpu: dict[str, list[float]] = {}
         times = common.interleave({
             "engine": common.cycling(lambda x: run_engine(x, k), batches),
             "lora": common.cycling(lambda x: run_lora(model, x, k), batches),
             "hf_one_task": common.cycling(run_hf, batches),
-        }, reps=reps, device=args.device)
+        }, reps=reps, device=args.device, cpu_out=cpu)
         case = {"adapters": k, "batch": b, "adapters_give_distinct_outputs": distinct,
                 "batch_shapes": [x.shape for x in batches]}
         for v, t in times.items():
             med = common.stats(t)["median"]
-            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t}
+            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t,
+                       "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v]}
+        case["cpu_ratio_engine_over_lora"] = case["lora"]["cpu_median_s"] / case["engine"]["cpu_median_s"]
         case["ratio_engine_over_lora"] = case["engine"]["seq_per_s"] / case["lora"]["seq_per_s"]
         case["ratio_lora_over_hf_one_task"] = case["lora"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
         case["ratio_engine_over_hf_one_task"] = case["engine"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
@@ -127,13 +130,17 @@ def main() -> None:
                              token_type_ids=batch.token_type_ids,
                              adapter_names=[f"a{turn['lora'] % k}"]).logits.float().cpu()
 
+    cpu = {}
     times = common.interleave({"engine": common.cycling(engine_b1, one), "lora": common.cycling(lora_b1, one),
-                               "hf_one_task": common.cycling(run_hf, one)}, reps=calls, warmup=3, device=args.device)
+                               "hf_one_task": common.cycling(run_hf, one)}, reps=calls, warmup=3, device=args.device,
+                              cpu_out=cpu)
     latency = {v: {s: x * 1e3 for s, x in common.stats(t).items() if s != "n"} for v, t in times.items()}
     latency["ratio_p50_engine_over_lora"] = latency["engine"]["p50"] / latency["lora"]["p50"]
     latency["ratio_p99_engine_over_lora"] = latency["engine"]["p99"] / latency["lora"]["p99"]
     latency["ratio_p50_lora_over_hf"] = latency["lora"]["p50"] / latency["hf_one_task"]["p50"]
     latency["raw_s"] = times
+    latency["cpu_median_ms"] = {v: common.stats(c)["median"] * 1e3 for v, c in cpu.items()}
+    latency["cpu_raw_s"] = cpu
     print(f"batch-1 p50: engine {latency['engine']['p50']:.2f} ms  lora {latency['lora']['p50']:.2f} ms  "
           f"hf {latency['hf_one_task']['p50']:.2f} ms  engine/lora {latency['ratio_p50_engine_over_lora']:.2f}x")
 

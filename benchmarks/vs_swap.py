@@ -81,16 +81,19 @@ def main() -> None:
         tasks = [i % k for i in range(b)]
         # Same rows, same values: both must give the same logits, or they do different work.
         diff = float((run_engine(batches[0], tasks) - run_swap(batches[0], tasks)).abs().max())
+        cpu: dict[str, list[float]] = {}
         times = common.interleave({
             "engine": common.cycling(lambda x: run_engine(x, tasks), batches),
             "swap": common.cycling(lambda x: run_swap(x, tasks), batches),
             "hf_one_task": common.cycling(run_hf, batches),
-        }, reps=reps, device=args.device)
+        }, reps=reps, device=args.device, cpu_out=cpu)
         case = {"batch": b, "tasks_per_batch": k, "max_abs_logit_diff_engine_vs_swap": diff,
                 "batch_shapes": [x.shape for x in batches]}
         for v, t in times.items():
             med = common.stats(t)["median"]
-            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t}
+            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t,
+                       "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v]}
+        case["cpu_ratio_engine_over_swap"] = case["swap"]["cpu_median_s"] / case["engine"]["cpu_median_s"]
         case["ratio_engine_over_swap"] = case["engine"]["seq_per_s"] / case["swap"]["seq_per_s"]
         case["ratio_engine_over_hf_one_task"] = case["engine"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
         case["ratio_swap_over_hf_one_task"] = case["swap"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
