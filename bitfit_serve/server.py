@@ -178,7 +178,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
                 await watcher.stop()
             await asyncio.to_thread(batcher.stop)
 
-    app = FastAPI(title="bitfit-serve", version=__version__, lifespan=lifespan,
+    # No slash redirects: a 307 would turn PUT /v1/tasks/x/ (or an empty name) into a write elsewhere.
+    app = FastAPI(title="bitfit-serve", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="One frozen encoder, thousands of BitFit tasks, mixed-task batches in one forward.")
     _install_error_handlers(app, s.metrics)
     app.add_middleware(_BodyLimit, limit_for=lambda scope: (

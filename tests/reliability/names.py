@@ -26,6 +26,10 @@ _ODD = [" ", "-", "_", ".hidden", "-rf", "a b", "a\nb", "a\r\nX-Injected: 1", "a
         "a~", "a^b"]
 
 
+# Hand-written payloads and their simple variants: always part of a sample.
+CORE = {f"{prefix}{s}{suffix}" for s in _ABSOLUTE + _ODD for prefix in ("", "x") for suffix in ("", ".safetensors")}
+
+
 def _depths(up: str, sep: str, target: str) -> Iterator[str]:
     for depth in (1, 2, 3, 8):
         yield (up + sep) * depth + target
