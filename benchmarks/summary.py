@@ -75,8 +75,8 @@ def rows(folder: Path, suffix: str) -> list[tuple[str, str, str, str]]:
     else:
         add("engine vs HF", None, "", None, None)
     r = load(folder, "vs_swap", suffix)
-    case = (r or {}).get("cases", {}).get("b32_k32")
-    add("engine >= 1.3x swap-per-sub-batch, 32 tasks in a batch of 32",
+    case = (r or {}).get("cases", {}).get("packed_b32_k32")
+    add("engine >= 1.3x swap-per-sub-batch, 32 tasks in a batch of 32 (x 128 tokens)",
         figures(case, "engine", "swap", "ratio_engine_over_swap") if case else None,
         three if case and "cpu_median_s" in case["engine"] else both,
         case and case["ratio_engine_over_swap"] >= 1.3, r)
