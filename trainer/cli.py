@@ -117,8 +117,10 @@ def eval_command(
     glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
     dev_file: Optional[Path] = typer.Option(None, help="dev file for a non-GLUE task (CSV/TSV/JSONL)"),
     label_field: str = typer.Option("label"),
+    threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Serve the delta with bitfit_serve.Engine and recompute its dev metric."""
+    _set_threads(threads)
     from bitfit_serve import Engine
     from bitfit_serve import delta as delta_io
     from trainer.data import from_records, read_records
