@@ -68,7 +68,8 @@ POINTS = {
              lambda p: f"{p['seconds']} s at {p['offered_rps']} req/s (capacity {p['capacity_rps']}), "
                        f"{p['requests']} requests, {p['replaces']} replaces; RSS {p['rss_mib_second_quarter']} -> "
                        f"{p['rss_mib_last_quarter']} MiB ({p['rss_drift']:.2%})",
-             lambda p: f"statuses {p['statuses']}, wrong-task versions {p['wrong_task_versions']}"),
+             lambda p: f"statuses {p['statuses']} (non-200 in {p.get('seconds_with_non_200', '?')} s of the run), "
+                       f"wrong-task versions {p['wrong_task_versions']}"),
     "sigterm_drain": ("8 SIGTERM under load",
                       lambda p: f"{p['requests']} requests, {p['in_flight_at_sigterm']} in flight at SIGTERM, "
                                 f"{p['after_sigterm']} attempted after: {p['after_sigterm_outcomes']}",

@@ -161,10 +161,10 @@ class LiveServer:
         self.kill()
 
 
-async def raw_post(port: int, path: str, body: bytes, timeout: float = 120.0) -> tuple[int, bool]:
+async def raw_post(port: int, path: str, body: bytes, timeout: float = 120.0) -> tuple[int, bool, str]:
     """One JSON POST on its own connection with prebuilt bytes: a load client this cheap can offer
     several times the capacity of a server on the same two cores (httpx cannot). Returns (status,
-    whether a Retry-After header came); raises OSError / TimeoutError if no answer."""
+    whether a Retry-After header came, error code or ""); raises OSError / TimeoutError if no answer."""
     import asyncio
 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -175,7 +175,10 @@ async def raw_post(port: int, path: str, body: bytes, timeout: float = 120.0) ->
         answer = await asyncio.wait_for(reader.read(), timeout)
     finally:
         writer.close()
-    head = answer.split(b"\r\n\r\n", 1)[0].lower()
+    head, _, payload = answer.partition(b"\r\n\r\n")
+    head = head.lower()
     if not head.startswith(b"http/1.1 "):
         raise ConnectionError(f"no answer ({len(answer)} bytes)")
-    return int(head[9:12]), b"\r\nretry-after:" in head
+    status = int(head[9:12])
+    code = json.loads(payload).get("error", {}).get("code", "") if status >= 400 and payload else ""
+    return status, b"\r\nretry-after:" in head, code

@@ -56,7 +56,7 @@ async def open_loop(port: int, rate: float, seconds: float) -> list[tuple[int | 
     async def one():
         start = time.monotonic()
         try:
-            status, retry_after = await raw_post(port, "/v1/tasks/load/predict", BODY)
+            status, retry_after, _ = await raw_post(port, "/v1/tasks/load/predict", BODY)
             results.append((status, time.monotonic() - start, retry_after))
         except (OSError, asyncio.TimeoutError) as e:
             results.append((type(e).__name__, time.monotonic() - start, False))
