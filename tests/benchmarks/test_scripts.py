@@ -54,3 +54,10 @@ def test_script_runs_quick(name, tiny_bert_dir, glue_dir, tmp_path, monkeypatch)
     assert record["command"].startswith(f"python -m benchmarks.{name} --quick")
     assert set(record["load_average_1min"]) == {"before", "after"}
     assert (tmp_path / f"{name}.png").stat().st_size > 0
+
+
+def test_summary_lists_every_target_even_without_results(tmp_path):
+    from benchmarks import summary
+
+    rows = summary.rows(tmp_path, "")
+    assert rows and all(measured == "not run" for _, measured, _, _ in rows)
