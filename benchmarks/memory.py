@@ -118,7 +118,7 @@ def main() -> None:
         print(json.dumps(out))
         return
     load_before = common.load_average()
-    task_counts = [0, 10] if args.quick else [int(x) for x in args.tasks.split(",")]
+    task_counts = [10] if args.quick else [int(x) for x in args.tasks.split(",")]
     model_counts = [1] if args.quick else [int(x) for x in args.models.split(",")]
 
     tasks = []

@@ -51,7 +51,7 @@ def test_script_runs_quick(name, tiny_bert_dir, glue_dir, tmp_path, monkeypatch)
     record = json.loads((tmp_path / f"{name}.json").read_text())
     assert record["benchmark"] == name
     assert record["environment"]["torch"]
-    assert record["command"].startswith(f"python -m benchmarks.{name} --quick")
+    assert f"python -m benchmarks.{name} --quick" in record["command"]
     assert set(record["load_average_1min"]) == {"before", "after"}
     assert (tmp_path / f"{name}.png").stat().st_size > 0
 
