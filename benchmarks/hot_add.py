@@ -111,7 +111,7 @@ def main() -> None:
     new_failed = sum(n for s, n in new["statuses"].items() if not s.endswith((" 200", " 201")))
     load_failed = sum(n for s, n in load["statuses"].items() if s != "200")
     summary = {
-        "adds": adds, "upload_ms": stats_ms(new["upload_ms"]), "first_prediction_ms": stats_ms(new["first_prediction_ms"]),
+        "adds": adds, "upload_ms": common.stats(new["upload_ms"]), "first_prediction_ms": common.stats(new["first_prediction_ms"]),
         "failed_requests": {"load_generator": load_failed, "new_tasks": new_failed, "total": load_failed + new_failed},
         "load_generator_requests": load["requests"], "load_generator_req_per_s": load["requests"] / out["wall_s"],
         "delta_file_bytes": len(uploads[0][1]),
@@ -123,10 +123,6 @@ def main() -> None:
     common.write_result(args, NAME, {"model": str(path), "server_command": command, "summary": summary,
                                      "raw": out}, load_before)
     plot(args, new)
-
-
-def stats_ms(values: list[float]) -> dict:
-    return common.stats(values)
 
 
 def plot(args, new: dict) -> None:

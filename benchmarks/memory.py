@@ -18,6 +18,7 @@ Each measurement runs in a fresh subprocess so nothing of an earlier one stays i
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import subprocess
@@ -109,8 +110,8 @@ def main() -> None:
     p.add_argument("--tasks", default="0,10,100,1000,10000")
     p.add_argument("--models", default="1,2,4,8", help="full model copies, measured")
     p.add_argument("--extrapolate", default="100,1000,10000", help="full model copies, extrapolated")
-    p.add_argument("--child-tasks", type=int, default=None, help=argparse_hidden())
-    p.add_argument("--child-models", type=int, default=None, help=argparse_hidden())
+    p.add_argument("--child-tasks", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-models", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
     common.setup(args)
     if args.child_tasks is not None or args.child_models is not None:
@@ -150,12 +151,6 @@ def main() -> None:
         "full_model_rss_slope_bytes": per_model, "full_models_extrapolated": extrapolated,
     }, load_before)
     plot(args, tasks, models, extrapolated)
-
-
-def argparse_hidden() -> str:
-    import argparse
-
-    return argparse.SUPPRESS
 
 
 def plot(args, tasks: list[dict], models: list[dict], extrapolated: list[dict]) -> None:
