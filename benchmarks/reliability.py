@@ -48,7 +48,7 @@ POINTS = {
     "crash_watch": ("4 kill -9 during watched-folder ingest", lambda p: f"{p['kills']} kills",
                     lambda p: f"violations {p['violations']}; temp files (never loaded) {p['temp_files_never_loaded']}"),
     "attribution": ("5 version attribution under change",
-                    lambda p: f"{p['tasks']} tasks x {p['replaces_per_task']} rounds: {p['replaces']} replaces, "
+                    lambda p: f"{p['tasks']} tasks, >= {p['replaces_per_task']} replaces each: {p['replaces']} replaces, "
                               f"{p['deletes']} deletes; {p['requests']} requests ({p['answers']} answers) at "
                               f"{p['requests_per_s_during_changes']} req/s over {p['seconds']} s",
                     lambda p: f"wrong task {p['wrong_task']}, not current {p['not_current']}, wrong scores "
@@ -131,8 +131,10 @@ def parse(junit: Path) -> dict[str, dict]:
 
 
 def render(report: dict) -> str:
+    runs = "\n".join(f"- {r['started']} `{r['command']}`: {r['wall_s']} s, exit {r['exit_code']}"
+                     + (f"; {r['note']}" if r.get("note") else "") for r in report["runs"])
     lines = ["# Reliability and security: full counts", "",
-             f"Command: `{report['command']}` (soak asked: {report['soak_s']} s).  ",
+             "Runs (a later `-k` run replaces the rows of the tests it ran):", "", runs, "",
              f"Last run: {report['finished']}; machine: {report['environment']['cpu']}, "
              f"{report['environment']['cpu_cores']} cores shared with other jobs "
              f"(1-min load {report['environment']['load_average_1m']:.1f} at the start), torch "
@@ -143,7 +145,7 @@ def render(report: dict) -> str:
              "| point | what was counted | lost / wrong / crashed | test | result | s |",
              "|---|---|---|---|---|---|"]
     for name, test in sorted(report["tests"].items(), key=_order):
-        short = name.split("/")[-1]
+        short = name.split("tests/reliability/", 1)[-1]
         props = test["properties"] or {None: None}
         for key, value in props.items():
             file_point = FILE_POINTS.get(short.split(".py")[0], "-")
@@ -162,7 +164,7 @@ def _order(item: tuple[str, dict]) -> tuple[int, str]:
     name, test = item
     keys = list(test["properties"])
     point = POINTS[keys[0]][0] if keys and keys[0] in POINTS else FILE_POINTS.get(
-        name.split("/")[-1].split(".py")[0], "99")
+        name.split("tests/reliability/", 1)[-1].split(".py")[0], "99")
     return int(point.split()[0]), name
 
 
@@ -171,20 +173,28 @@ def main() -> None:
     p.add_argument("--soak-s", type=float, default=900.0, help="soak duration in seconds (issue: >= 900)")
     p.add_argument("-k", default="", help="pytest -k expression: run only these tests, keep the others' results")
     p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--note", default="", help="a note about this run, kept in the report")
+    p.add_argument("--render-only", action="store_true", help="re-write reliability.md from reliability.json")
     args = p.parse_args()
+    if args.render_only:
+        report = json.loads((args.out / "reliability.json").read_text())
+        (args.out / "reliability.md").write_text(render(report))
+        return
     args.out.mkdir(parents=True, exist_ok=True)
-    previous = {}
+    previous, runs = {}, []
     if args.k and (args.out / "reliability.json").exists():
-        previous = json.loads((args.out / "reliability.json").read_text())["tests"]
+        old = json.loads((args.out / "reliability.json").read_text())
+        previous, runs = old["tests"], old.get("runs", [])
     started = time.time()
     env = environment()
     with tempfile.TemporaryDirectory() as tmp:
         junit = Path(tmp) / "junit.xml"
         code = run_pytest(args, junit)
         tests = parse(junit) if junit.exists() else {}
-    report = {"command": "python -m benchmarks.reliability " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-              "soak_s": args.soak_s, "exit_code": code, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-              "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "wall_s": round(time.time() - started),
+    run = {"command": "python -m benchmarks.reliability " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
+           "soak_s": args.soak_s, "exit_code": code, "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+           "wall_s": round(time.time() - started), "note": args.note}
+    report = {"runs": [*runs, run], "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "environment": env, "tests": {**previous, **tests}}
     (args.out / "reliability.json").write_text(json.dumps(report, indent=2) + "\n")
     (args.out / "reliability.md").write_text(render(report))

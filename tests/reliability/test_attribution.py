@@ -130,11 +130,13 @@ async def load(url: str, tasks: list[str], stop: asyncio.Event, answers: list[An
 
 
 async def change(url: str, pool, events: dict[str, list[Event]], replaces: int, rng: random.Random) -> dict:
-    """Replace every task ``replaces`` times (round robin) and delete + re-add some on the way."""
+    """Replace every task at least ``replaces`` times (round robin) and delete + re-add some on the
+    way (a re-add does not count as a replace)."""
     stats = {"replaces": 0, "deletes": 0}
+    done = {task: 0 for task in pool}
     async with httpx.AsyncClient(base_url=url, timeout=60) as client:
-        for round_ in range(replaces):
-            for task in pool:
+        while min(done.values()) < replaces:
+            for task in [t for t in pool if done[t] < replaces]:
                 versions = list(pool[task])
                 current = events[task][-1].version
                 if current is not None and rng.random() < 0.05:
@@ -150,7 +152,11 @@ async def change(url: str, pool, events: dict[str, list[Event]], replaces: int, 
                 assert r.status_code in (200, 201), r.text
                 assert r.json()["version"] == version
                 events[task].append(Event(task, sent, time.monotonic(), version))
-                stats["replaces"] += 1
+                if current is not None:
+                    done[task] += 1
+                    stats["replaces"] += 1
+                else:
+                    stats["re_adds"] = stats.get("re_adds", 0) + 1
             await asyncio.sleep(0)
     return stats
 
