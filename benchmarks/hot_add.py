@@ -13,6 +13,8 @@ prediction to the new task; retried until it answers 200 (every non-200 counts a
 * ``first_prediction_ms``: from sending the PUT to the first 200 prediction of the new task;
   this includes waiting for the forward pass already running for the load generator.
 Failed requests are counted for the load generator and the new tasks separately (target: 0).
+Then, in this process and without load, the median cost of each step of an upload: the whole
+``DeltaStore.install``, its fsync'd atomic write, parsing + validating, ``Engine.add_task``.
 """
 
 from __future__ import annotations
@@ -107,6 +109,7 @@ def main() -> None:
             out = asyncio.run(run(server.url, uploads, resident, singles, args.load_clients, args.pause, args.seed))
             command = server.command
 
+    breakdown = install_breakdown(path, factory, args.device, dtype, trials=3 if args.quick else 20)
     new, load = out["new_tasks"], out["load"]
     new_failed = sum(n for s, n in new["statuses"].items() if not s.endswith((" 200", " 201")))
     load_failed = sum(n for s, n in load["statuses"].items() if s != "200")
@@ -115,14 +118,44 @@ def main() -> None:
         "failed_requests": {"load_generator": load_failed, "new_tasks": new_failed, "total": load_failed + new_failed},
         "load_generator_requests": load["requests"], "load_generator_req_per_s": load["requests"] / out["wall_s"],
         "delta_file_bytes": len(uploads[0][1]),
+        "upload_steps_ms_in_process_no_load": breakdown,
     }
     print(f"{adds} adds under load ({args.load_clients} clients, {summary['load_generator_req_per_s']:.1f} req/s): "
           f"upload p50 {summary['upload_ms']['p50']:.1f} ms p99 {summary['upload_ms']['p99']:.1f} ms; "
           f"upload -> first prediction p50 {summary['first_prediction_ms']['p50']:.1f} ms "
           f"p99 {summary['first_prediction_ms']['p99']:.1f} ms; failed requests {summary['failed_requests']['total']}")
+    print("upload steps in process, no load (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
     common.write_result(args, NAME, {"model": str(path), "server_command": command, "summary": summary,
                                      "raw": out}, load_before)
     plot(args, new)
+
+
+def install_breakdown(path: Path, factory: common.DeltaFactory, device: str, dtype: str, trials: int) -> dict:
+    """Median ms of each step of an upload, in process and without load: what ``DeltaStore.install``
+    costs in all, its fsync'd atomic write, parsing + validating the bytes, ``Engine.add_task``."""
+    import statistics
+
+    from bitfit_serve.engine import Engine
+    from bitfit_serve.store import DeltaStore
+
+    engine = Engine.from_pretrained(path, device=device, dtype=dtype)
+    data = [delta_io.to_bytes(factory(f"b{i}", seed=20_000 + i)) for i in range(2 * trials)]
+    steps: dict[str, list[float]] = {"install": [], "atomic_write": [], "parse_validate": [], "add_task": []}
+
+    def timed(step: str, fn) -> None:
+        start = time.perf_counter()
+        fn()
+        steps[step].append((time.perf_counter() - start) * 1e3)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = DeltaStore(Path(tmp) / "store")
+        for i in range(trials):
+            timed("install", lambda: store.install(engine, f"b{i}", data[i]))
+            b = data[trials + i]
+            timed("atomic_write", lambda: delta_io.atomic_write(Path(tmp) / f"w{i}.safetensors", b))
+            timed("parse_validate", lambda: engine.check(delta_io.from_bytes(b, source="bench")))
+            timed("add_task", lambda: engine.add_task(b))
+    return {step: statistics.median(v) for step, v in steps.items()}
 
 
 def plot(args, new: dict) -> None:
