@@ -252,7 +252,7 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
     result = {
         "model": "all-MiniLM-L6-v2 (bundled), mean pooling, max_length 128, batch 32, AdamW wd 0, clip 1.0, "
                  "constant lr ('paper' schedule), dev sets, final epoch",
-        "hardware": hardware(),
+        "hardware": next((records[r.key]["hardware"] for r in done), hardware()),  # what the runs used
         "all_runs_on": "CPU",
         "budget": asdict(budget),
         "planned_runs": len(planned),
@@ -277,6 +277,16 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
 def _sessions(runs_dir: Path) -> list[dict[str, Any]]:
     path = runs_dir / "sessions.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line] if path.exists() else []
+
+
+def _span(sessions: list[dict[str, Any]]) -> str:
+    """First start to last finish of the grid workers, e.g. '4133 s (03:49:01-04:57:54 UTC)'."""
+    done = [s for s in sessions if "finished" in s]
+    if not done:
+        return "not recorded"
+    start = min(datetime.fromisoformat(s["started"]) for s in done)
+    end = max(datetime.fromisoformat(s["finished"]) for s in done)
+    return f"{(end - start).total_seconds():.0f} s ({start:%H:%M:%S}-{end:%H:%M:%S} UTC)"
 
 
 def _average(row: dict[str, dict[str, Any] | None]) -> float | None:
@@ -339,11 +349,11 @@ def render_markdown(result: dict[str, Any]) -> str:
     sessions = result["sessions"]
     lines += ["", "## How these numbers were made", "",
               "```", "bitfit-train grid --glue-dir ../shared/data/glue --runs-dir runs/accuracy "
-              "--results-dir benchmarks/results", "```", "",
+              "--results-dir benchmarks/results --threads 1 --stop-after 05:00", "```", "",
               f"- Hardware: {result['hardware']['processor']}, {result['hardware']['torch_threads']} torch threads, "
               f"torch {result['hardware']['torch']}; CPU shared with other jobs, so wall times are upper bounds.",
-              f"- Wall time: {sum(s.get('wall_s', 0) for s in sessions):.0f} s over {len(sessions)} grid "
-              f"invocation(s) (resumed runs skip finished ones); sum of per-run wall times "
+              f"- Wall time: {_span(sessions)} with {len(sessions)} grid worker process(es) sharing the runs "
+              f"folder (resumed runs skip finished ones); sum of per-run wall times "
               f"{result['sum_of_run_wall_s']:.0f} s.",
               f"- Epochs: Tables 1 and 2 {b['epochs']} (frozen: {b['frozen_epochs']} epochs of the head on "
               f"cached features), Table 3 {b['table3_epochs']}. The paper trains much longer; these are "
