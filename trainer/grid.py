@@ -42,6 +42,7 @@ FULL_TRAIN = {"rte": 2490, "mrpc": 3668, "cola": 8551, "stsb": 5749, "sst2": 673
 # (F1 = 2*279 / (2*279 + 129)); CoLA and STS-B score 0 by definition; SST-2 444/872 positive.
 MAJORITY = {"rte": {"accuracy": 100 * 146 / 277}, "mrpc": {"f1": 100 * 558 / 687, "accuracy": 100 * 279 / 408},
             "cola": {"mcc": 0.0}, "stsb": {"spearman": 0.0, "pearson": 0.0}, "sst2": {"accuracy": 100 * 444 / 872}}
+HAND_WRITTEN = "## Discussion (written by hand"  # accuracy.md from this heading on survives rewrites
 DISPLAY = {"rte": "RTE", "mrpc": "MRPC", "cola": "CoLA", "stsb": "STS-B", "sst2": "SST-2"}
 METRIC_NAMES = {"accuracy": "acc", "f1": "F1", "mcc": "MCC", "spearman": "Spearman", "pearson": "Pearson"}
 
@@ -270,7 +271,11 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
     from bitfit_serve.delta import atomic_write
 
     atomic_write(results_dir / "accuracy.json", (json.dumps(result, indent=2) + "\n").encode())
-    atomic_write(results_dir / "accuracy.md", render_markdown(result).encode())
+    markdown = render_markdown(result)
+    previous = results_dir / "accuracy.md"
+    if previous.exists() and HAND_WRITTEN in previous.read_text():  # keep the hand-written analysis
+        markdown += "\n" + previous.read_text()[previous.read_text().index(HAND_WRITTEN):]
+    atomic_write(previous, markdown.encode())
     return result
 
 

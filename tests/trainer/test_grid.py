@@ -42,3 +42,12 @@ def test_tables_from_partial_records(tmp_path):
     md = (tmp_path / "results" / "accuracy.md").read_text()
     assert "72.0 ± 2.0 (n=3)" in md and "not run" in md and "CPU" in md
     assert json.loads((tmp_path / "results" / "accuracy.json").read_text())["completed_runs"] == 9  # 3 RTE + 3 MRPC seeds + CoLA, STS-B, SST-2
+
+
+def test_hand_written_discussion_survives_rewrites(tmp_path):
+    results = tmp_path / "results"
+    write_tables(Budget(), tmp_path, results)
+    md = results / "accuracy.md"
+    md.write_text(md.read_text() + "\n## Discussion (written by hand after the grid)\n\nkeep me\n")
+    write_tables(Budget(), tmp_path, results)
+    assert md.read_text().count("keep me") == 1
