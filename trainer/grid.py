@@ -253,7 +253,8 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
     result = {
         "model": "all-MiniLM-L6-v2 (bundled), mean pooling, max_length 128, batch 32, AdamW wd 0, clip 1.0, "
                  "constant lr ('paper' schedule), dev sets, final epoch",
-        "hardware": next((records[r.key]["hardware"] for r in done), hardware()),  # what the runs used
+        "hardware": next((records[r.key]["hardware"] for r in done if "hardware" in records[r.key]),
+                         hardware()),  # what the runs used
         "all_runs_on": "CPU",
         "budget": asdict(budget),
         "planned_runs": len(planned),
