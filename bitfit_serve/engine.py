@@ -20,7 +20,7 @@ import torch
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.delta import Delta
-from bitfit_serve.errors import InvalidInput
+from bitfit_serve.errors import InvalidDelta, InvalidInput
 from bitfit_serve.model.banks import Banks
 from bitfit_serve.model.base import BaseModel, load_base
 from bitfit_serve.model.encoder import EncoderBatch, forward
@@ -117,7 +117,7 @@ class Engine:
         try:
             return Path(source).read_bytes()
         except OSError as e:
-            raise delta_io.InvalidDelta(f"cannot read delta file {source}: {e.strerror}") from e
+            raise InvalidDelta(f"cannot read delta file {source}: {e.strerror}") from e
 
     # ------------------------------------------------------------------ building blocks
     def tokenize(self, version: TaskVersion, inputs: Sequence[TextInput],

@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoModelForSequenceClassification, AutoToke
 from bitfit_serve.delta import Delta
 
 
-def _copy_sites(model: torch.nn.Module, delta: Delta, prefix: str = "") -> None:
+def copy_sites(model: torch.nn.Module, delta: Delta, prefix: str = "") -> None:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, value in delta.sites.items():
@@ -38,20 +38,24 @@ def reference_logits(model_dir: Path, delta: Delta, texts: Sequence) -> torch.Te
     if arch == "bert" and delta.pooling == "pooler":
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, local_files_only=True, num_labels=delta.num_labels, dtype=torch.float32).eval()
-        _copy_sites(model, delta, prefix="bert.")
+        copy_sites(model, delta, prefix="bert.")
         model.classifier.weight.copy_(delta.head_weight)
         model.classifier.bias.copy_(delta.head_bias)
         return model(**enc).logits
 
     model = AutoModel.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32).eval()
-    _copy_sites(model, delta)
-    out = model(**enc)
+    copy_sites(model, delta)
+    return head_logits(model(**enc), enc["attention_mask"], delta)
+
+
+def head_logits(out, attention_mask: torch.Tensor, delta: Delta) -> torch.Tensor:
+    """HF ``AutoModel`` output -> [N, C] logits: the delta's pooling, then its Linear head."""
     hidden = out.last_hidden_state
     if delta.pooling == "pooler":
         pooled = out.pooler_output
     elif delta.pooling == "cls":
         pooled = hidden[:, 0]
     else:
-        mask = enc["attention_mask"].unsqueeze(-1).float()
+        mask = attention_mask.unsqueeze(-1).float()
         pooled = (hidden * mask).sum(1) / mask.sum(1)
     return pooled @ delta.head_weight.T + delta.head_bias

@@ -12,6 +12,7 @@ from bitfit_serve import Engine
 from bitfit_serve import delta as delta_io
 from bitfit_serve.errors import InvalidDelta
 from tests.factories import SENTENCES
+from tests.reference import copy_sites, head_logits
 from trainer import export
 from trainer.cli import app
 from trainer.data import from_records
@@ -46,22 +47,11 @@ def _trainer_logits(result, data):
 def _hf_logits(model_dir, d, data, tokenizer):
     """A fresh HF base with the delta's values copied in + the same pooling and head."""
     hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
-    params = dict(hf.named_parameters())
-    with torch.no_grad():
-        for name, value in d.sites.items():
-            params[name].copy_(value)
+    copy_sites(hf, d)
     enc = encode(tokenizer, data.dev, 32)
     batch = collate(enc, list(range(len(enc.input_ids))), hf.config.pad_token_id)
     with torch.no_grad():
-        hidden = hf(**batch).last_hidden_state
-        if d.pooling == "pooler":
-            pooled = hf.pooler(hidden)
-        elif d.pooling == "cls":
-            pooled = hidden[:, 0]
-        else:
-            m = batch["attention_mask"].unsqueeze(-1).float()
-            pooled = (hidden * m).sum(1) / m.sum(1)
-        return pooled @ d.head_weight.T + d.head_bias
+        return head_logits(hf(**batch), batch["attention_mask"], d)
 
 
 def _engine_logits(engine, d, data):
