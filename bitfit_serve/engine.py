@@ -64,10 +64,17 @@ class Engine:
         return cls(load_base(path, device=device, dtype=dtype), initial_capacity=initial_capacity)
 
     # ------------------------------------------------------------------ tasks
-    def add_task(self, source: Delta | bytes | str | os.PathLike) -> TaskVersion:
-        """Validate, write into a fresh row, then publish atomically (replacing any older version)."""
-        data = self._delta_bytes(source)
-        delta = source if isinstance(source, Delta) else delta_io.from_bytes(data, source=_describe(source))
+    def add_task(self, source: Delta | bytes | str | os.PathLike, *, file_bytes: bytes | None = None) -> TaskVersion:
+        """Validate, write into a fresh row, then publish atomically (replacing any older version).
+
+        The served version is the sha256 of the delta's file. ``file_bytes``: the bytes a parsed
+        ``Delta`` was read from, so that a caller who already parsed them (the upload path) does
+        not pay for a second parse or a re-serialization."""
+        if isinstance(source, Delta):
+            delta, data = source, file_bytes if file_bytes is not None else delta_io.to_bytes(source)
+        else:
+            data = self._delta_bytes(source)
+            delta = delta_io.from_bytes(data, source=_describe(source))
         self.check(delta)
         sha = delta_io.sha256_bytes(data)
         with self._admin_lock:
@@ -109,9 +116,7 @@ class Engine:
         return cfg.max_position_embeddings - offset
 
     @staticmethod
-    def _delta_bytes(source: Delta | bytes | str | os.PathLike) -> bytes:
-        if isinstance(source, Delta):
-            return delta_io.to_bytes(source)
+    def _delta_bytes(source: bytes | str | os.PathLike) -> bytes:
         if isinstance(source, (bytes, bytearray, memoryview)):
             return bytes(source)
         try:

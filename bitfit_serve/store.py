@@ -78,13 +78,14 @@ class DeltaStore:
         engine.check(delta)
         if delta.task != task:
             # Re-serialized bytes differ from the upload; the version is the sha256 of what is stored.
-            data = delta_io.to_bytes(dataclasses.replace(delta, task=task))
+            delta = dataclasses.replace(delta, task=task)
+            data = delta_io.to_bytes(delta)
         with self._lock:
             previous = engine.registry.get(task) if task in engine.registry else None
             old_bytes = _read(path)
             delta_io.atomic_write(path, data)
             try:
-                version = engine.add_task(data)
+                version = engine.add_task(delta, file_bytes=data)  # parsed and checked once, above
             except BaseException:
                 # Keep disk and memory in agreement: put back what was there.
                 if old_bytes is None:

@@ -80,3 +80,17 @@ def test_reports_bank_bytes(tiny_bert_dir):
     assert engine.bank_bytes > 0
     engine.add_task(random_delta(tiny_bert_dir, "t", sites="biases", hf_base=hf))
     assert engine.bytes_per_task * engine.banks.capacity == engine.bank_bytes
+
+
+def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path):
+    from bitfit_serve import delta as delta_io
+
+    engine = Engine.from_pretrained(tiny_bert_dir)
+    d = random_delta(tiny_bert_dir, "t", seed=3)
+    data = delta_io.to_bytes(d)
+    path = tmp_path / "t.safetensors"
+    path.write_bytes(data)
+    sha = delta_io.sha256_bytes(data)
+    parsed = delta_io.from_bytes(data)
+    for source, kwargs in ((d, {}), (data, {}), (path, {}), (parsed, {"file_bytes": data})):
+        assert engine.add_task(source, **kwargs).sha256 == sha
