@@ -160,7 +160,9 @@ def heatmap(
 @app.command()
 def grid(
     glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
-    runs_dir: Path = typer.Option(Path("runs/accuracy"), help="run records (+ deltas); existing runs are skipped"),
+    runs_dir: Path = typer.Option(Path("benchmarks/results/accuracy_runs"),
+                                  help="run records (committed; a run whose record exists is skipped)"),
+    deltas_dir: Path = typer.Option(Path("runs/accuracy"), help="the deltas the runs write (git-ignored)"),
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="where accuracy.md/json go"),
     model: str = typer.Option("default"),
     tables: str = typer.Option("1,3,2", help="tables to run, in priority order"),
@@ -212,7 +214,7 @@ def grid(
             deadline += 86400
     started = time.perf_counter()
     result = run_grid(budget, _glue_dir(glue_dir), runs_dir, results_dir, model, order, deadline, progress,
-                      log=lambda msg: typer.echo(msg, err=True))
+                      log=lambda msg: typer.echo(msg, err=True), deltas_dir=deltas_dir)
     typer.echo(json.dumps({"completed_runs": result["completed_runs"], "planned_runs": result["planned_runs"],
                            "table1_average": result["table1_average"],
                            "wall_s": round(time.perf_counter() - started, 1)}, indent=2))

@@ -51,3 +51,29 @@ def test_hand_written_discussion_survives_rewrites(tmp_path):
     md.write_text(md.read_text() + "\n## Discussion (written by hand after the grid)\n\nkeep me\n")
     write_tables(Budget(), tmp_path, results)
     assert md.read_text().count("keep me") == 1
+
+
+def test_run_grid_commits_records_apart_from_deltas_and_resumes(tiny_bert_dir, tmp_path):
+    """Table 3 on a tiny model and a six-sentence SST-2: records land in runs_dir (committed in
+    the repo), deltas in deltas_dir (git-ignored); a second call finds every record and runs nothing."""
+    from trainer.grid import run_grid
+
+    folder = tmp_path / "glue" / "SST-2"
+    folder.mkdir(parents=True)
+    rows = "".join(f"{s}\t{i % 2}\n" for i, s in enumerate(["good film", "bad film", "great", "awful",
+                                                              "fine acting", "dull plot"]))
+    (folder / "train.tsv").write_text("sentence\tlabel\n" + rows)
+    (folder / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    runs, deltas, results = tmp_path / "records", tmp_path / "deltas", tmp_path / "results"
+    budget = Budget(table3_epochs=1)
+    kwargs = dict(model=str(tiny_bert_dir), tables=("3",), progress=False, log=lambda _: None, deltas_dir=deltas)
+    first = run_grid(budget, tmp_path / "glue", runs, results, **kwargs)
+    assert first["completed_runs"] == 6
+    keys = {r.key for r in plan(budget, ("3",))}
+    assert {p.name.removesuffix(".run.json") for p in runs.glob("*.run.json")} == keys
+    assert {p.name.removesuffix(".safetensors") for p in deltas.glob("*.safetensors")} == keys
+    assert not list(runs.glob("*.lock")) and not list(runs.glob("*.safetensors"))
+    assert all(json.loads(p.read_text())["grid"]["key"] in keys for p in runs.glob("*.run.json"))
+    stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*.run.json")}
+    second = run_grid(budget, tmp_path / "glue", runs, results, **kwargs)
+    assert second["completed_runs"] == 6 and {p: p.stat().st_mtime_ns for p in runs.glob("*.run.json")} == stamps
