@@ -12,7 +12,8 @@ Life of a request (one HTTP call, any number of tasks):
    between threads), then its sequences join the queue;
 4. the inference thread takes a window of the oldest sequences, sorts it by length and cuts it
    into batches of at most ``max_batch_tokens`` padded tokens (sequences x longest) and
-   ``max_batch_requests`` sequences, tasks mixed freely; one ``engine.forward`` per batch;
+   ``max_batch_requests`` sequences, tasks mixed freely, and on a CPU also wherever padding
+   would cost more than another forward (``Engine.plan``); one ``engine.forward`` per batch;
 5. each request's future resolves when its last sequence is done; its versions are released then
    (also if the client went away), never earlier.
 """
@@ -205,26 +206,16 @@ class Batcher:
             return window
 
     def _plan(self, window: list[_Seq]) -> list[list[_Seq]]:
-        """Drop sequences nobody waits for, sort by length, cut by token budget and sequence cap."""
+        """Drop sequences nobody waits for; cut the rest into length-sorted batches within the
+        token budget and sequence cap, as padding-aware as the device calls for (``Engine.plan``)."""
         live = []
         for seq in window:
             if seq.request.future.cancelled() or seq.request.error is not None:
                 self._account(seq)
             else:
                 live.append(seq)
-        live.sort(key=len)
-        batches: list[list[_Seq]] = []
-        current: list[_Seq] = []
-        for seq in live:
-            # Sorted ascending, so this sequence is the longest: the padded cost is len * count.
-            if current and (len(seq) * (len(current) + 1) > self.max_batch_tokens
-                            or len(current) == self.max_batch_requests):
-                batches.append(current)
-                current = []
-            current.append(seq)
-        if current:
-            batches.append(current)
-        return batches
+        batches = self.engine.plan([len(s) for s in live], self.max_batch_requests, self.max_batch_tokens)
+        return [[live[i] for i in batch] for batch in batches]
 
     def _run_batch(self, batch: list[_Seq]) -> None:
         engine = self.engine

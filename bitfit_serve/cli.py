@@ -42,6 +42,9 @@ def serve(
     dtype: Annotated[str, _opt("dtype", "float32, float16 or bfloat16")] = _D.dtype,
     max_batch_tokens: Annotated[int, _opt("max-batch-tokens", "padded tokens per forward pass")] = _D.max_batch_tokens,
     max_batch_requests: Annotated[int, _opt("max-batch-requests", "sequences per forward pass")] = _D.max_batch_requests,
+    forward_overhead_tokens: Annotated[Optional[int], _opt(
+        "forward-overhead-tokens", "cost of one more forward in padded tokens: mixed lengths are cut into "
+                                   "batches where padding costs more (default: CPU 64, GPU 16384)")] = None,
     max_queue: Annotated[int, _opt("max-queue", "sequences waiting before 503 + Retry-After")] = _D.max_queue,
     max_texts_per_request: Annotated[int, _opt("max-texts-per-request", "inputs per request")] = _D.max_texts_per_request,
     max_chars_per_text: Annotated[int, _opt("max-chars-per-text", "characters per text")] = _D.max_chars_per_text,
@@ -67,7 +70,7 @@ def serve(
     try:
         settings = Settings(model=model, deltas=deltas, host=host, port=port, device=device, dtype=dtype,
                             max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
-                            max_queue=max_queue, max_texts_per_request=max_texts_per_request,
+                            forward_overhead_tokens=forward_overhead_tokens, max_queue=max_queue, max_texts_per_request=max_texts_per_request,
                             max_chars_per_text=max_chars_per_text, max_items_per_predict=max_items_per_predict,
                             max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes,
                             admin_token=admin_token, allow_insecure_admin=allow_insecure_admin,
@@ -77,7 +80,8 @@ def serve(
         raise typer.BadParameter(str(e)) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = Engine.from_pretrained(None if settings.model == "default" else settings.model,
-                                    device=settings.device, dtype=settings.dtype)
+                                    device=settings.device, dtype=settings.dtype,
+                                    forward_overhead_tokens=settings.forward_overhead_tokens)
     uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower())
 

@@ -28,6 +28,12 @@ from bitfit_serve.registry import TaskRegistry, TaskVersion
 
 TextInput = Union[str, Sequence[str]]  # one text, or a (first, second) pair for pair tasks
 
+# A forward costs a fixed overhead plus a cost per padded token. The overhead, in padded tokens'
+# worth, decides how to cut sequences of mixed lengths into batches: on a CPU it is small, so
+# length groups that waste no padding win (benchmarks/vs_swap.py, GLUE cases); on a GPU a forward
+# costs thousands of tokens' worth of launches, so the largest batches win.
+FORWARD_OVERHEAD_TOKENS = {"cpu": 64, "cuda": 16384}
+
 
 @dataclass(frozen=True)
 class Prediction:
@@ -51,8 +57,13 @@ class EncodedInput:
 
 
 class Engine:
-    def __init__(self, base: BaseModel, initial_capacity: int = 8):
+    def __init__(self, base: BaseModel, initial_capacity: int = 8, forward_overhead_tokens: int | None = None):
         self.base = base
+        # see FORWARD_OVERHEAD_TOKENS; an unknown device type gets the GPU's value
+        if forward_overhead_tokens is None:
+            forward_overhead_tokens = FORWARD_OVERHEAD_TOKENS.get(torch.device(base.device).type,
+                                                                  FORWARD_OVERHEAD_TOKENS["cuda"])
+        self.forward_overhead_tokens = forward_overhead_tokens
         base_sites = {name: base.weights[name] for name in base.site_shapes}
         self.banks = Banks(base_sites, base.hidden_size, base.device, base.dtype, initial_capacity)
         self.registry = TaskRegistry(free_row=self.banks.free)
@@ -60,8 +71,10 @@ class Engine:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "cpu",
-                        dtype: str | torch.dtype = "float32", initial_capacity: int = 8) -> "Engine":
-        return cls(load_base(path, device=device, dtype=dtype), initial_capacity=initial_capacity)
+                        dtype: str | torch.dtype = "float32", initial_capacity: int = 8,
+                        forward_overhead_tokens: int | None = None) -> "Engine":
+        return cls(load_base(path, device=device, dtype=dtype), initial_capacity=initial_capacity,
+                   forward_overhead_tokens=forward_overhead_tokens)
 
     # ------------------------------------------------------------------ tasks
     def add_task(self, source: Delta | bytes | str | os.PathLike, *, file_bytes: bytes | None = None) -> TaskVersion:
@@ -173,6 +186,22 @@ class Engine:
         """[B, C_max] fp32 logits on the CPU (padded columns are -inf)."""
         return forward(self.base, self.banks.view(), batch).float().cpu()
 
+    def plan(self, lengths: Sequence[int], max_batch_size: int = 64, max_batch_tokens: int = 8192) -> list[list[int]]:
+        """Indices of ``lengths`` cut into batches for this device (see ``plan_batches``)."""
+        return plan_batches(lengths, max_tokens=max_batch_tokens, max_seqs=max_batch_size,
+                            overhead_tokens=self.forward_overhead_tokens)
+
+    def forward_many(self, encoded: Sequence[EncodedInput], rows: Sequence[int],
+                     max_batch_size: int = 64) -> torch.Tensor:
+        """Logits for any number of sequences (tasks mixed), in input order: cut into batches by
+        ``plan`` (one forward each), so that short sequences are not padded to long ones."""
+        batches = self.plan([len(e) for e in encoded], max_batch_size)
+        parts = [self.forward(self.collate([encoded[i] for i in b], [rows[i] for i in b])) for b in batches]
+        logits = torch.empty(len(encoded), parts[0].shape[1]) if parts else torch.empty(0, 0)
+        for b, part in zip(batches, parts):
+            logits[b] = part
+        return logits
+
     @staticmethod
     def postprocess(version: TaskVersion, logits: torch.Tensor) -> Prediction:
         """One row of logits -> the task's answer (softmax / sigmoid / raw value)."""
@@ -194,14 +223,8 @@ class Engine:
         versions = self.registry.acquire(task for task, _ in items)
         try:
             encoded = self._tokenize_mixed(versions, [text for _, text in items])
-            order = sorted(range(len(items)), key=lambda i: len(encoded[i]))
-            results: list[Prediction | None] = [None] * len(items)
-            for start in range(0, len(order), max_batch_size):
-                chunk = order[start:start + max_batch_size]
-                logits = self.forward(self.collate([encoded[i] for i in chunk], [versions[i].row for i in chunk]))
-                for i, row_logits in zip(chunk, logits):
-                    results[i] = self.postprocess(versions[i], row_logits)
-            return results  # type: ignore[return-value]
+            logits = self.forward_many(encoded, [v.row for v in versions], max_batch_size)
+            return [self.postprocess(v, row_logits) for v, row_logits in zip(versions, logits)]
         finally:
             self.registry.release(versions)
 
@@ -226,6 +249,28 @@ class Engine:
     def bytes_per_task(self) -> int:
         """Bank bytes one row costs at the serving dtype (every banked site + the padded head)."""
         return self.banks.bytes_per_row
+
+
+def plan_batches(lengths: Sequence[int], *, max_tokens: int, max_seqs: int, overhead_tokens: int) -> list[list[int]]:
+    """Cut sequences into batches, shortest first (indices into ``lengths``).
+
+    A batch takes the next, longer sequence while the padding that adds to the batch costs less
+    than starting another forward would (``overhead_tokens``), within ``max_tokens`` padded
+    tokens (a sequence longer than that runs alone) and ``max_seqs`` sequences."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        n = lengths[i]
+        if current and (len(current) == max_seqs or n * (len(current) + 1) > max_tokens
+                        or len(current) * (n - longest) > overhead_tokens):
+            batches.append(current)
+            current = []
+        current.append(i)
+        longest = n
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _describe(source: object) -> str:

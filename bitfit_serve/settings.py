@@ -25,6 +25,10 @@ class Settings:
     # this many sequences; a sequence longer than the budget runs alone.
     max_batch_tokens: int = 8192
     max_batch_requests: int = 64
+    # What one more forward costs, in padded tokens' worth: sequences of mixed lengths are cut into
+    # batches wherever the padding would cost more. None: the device's default (CPU 64, GPU 16384;
+    # see bitfit_serve.engine.FORWARD_OVERHEAD_TOKENS).
+    forward_overhead_tokens: int | None = None
     # Sequences admitted but not yet in a batch; beyond it requests get 503 + Retry-After.
     max_queue: int = 2048
     retry_after_s: int = 1
@@ -51,6 +55,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or value < 1) and f.name != "port":
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.forward_overhead_tokens is not None and self.forward_overhead_tokens < 0:
+            raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.admin_token is not None and not self.admin_token.strip():

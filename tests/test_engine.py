@@ -96,3 +96,20 @@ def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path)
     # byte-stable: safetensors writes the metadata keys in hash-map order.)
     for source, kwargs in ((data, {}), (path, {}), (parsed, {"file_bytes": data})):
         assert engine.add_task(source, **kwargs).sha256 == sha
+
+
+@pytest.mark.parametrize("overhead", [0, 8, 10**6])
+def test_forward_many_equals_one_padded_forward(tiny_bert_dir, overhead):
+    """Cutting mixed lengths into several forwards changes the work, never the logits or their order."""
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir, forward_overhead_tokens=overhead)
+    rows = [engine.add_task(random_delta(tiny_bert_dir, f"t{i}", seed=i, hf_base=hf)).row for i in range(3)]
+    texts = [SENTENCES[i % len(SENTENCES)] * (1 + i % 4) for i in range(12)]
+    v = engine.registry.get("t0")
+    encoded = engine.tokenize(v, texts)
+    row_of = [rows[i % 3] for i in range(len(texts))]
+    assert len({len(e) for e in encoded}) > 2
+    expected = engine.forward(engine.collate(encoded, row_of))
+    torch.testing.assert_close(engine.forward_many(encoded, row_of, max_batch_size=5), expected, atol=1e-5, rtol=0)
+    if overhead == 0:
+        assert len(engine.plan([len(e) for e in encoded])) == len({len(e) for e in encoded})
