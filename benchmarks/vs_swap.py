@@ -7,16 +7,18 @@
 Baseline ``swap``: one ``AutoModelForSequenceClassification``; a batch holding k tasks is split
 into its k task groups; for each group the task's BitFit values and head are copied into the
 model's parameters, then the group runs (trimmed to its own longest sequence, which only helps
-the baseline). Engine: the whole batch in one forward, one bank row per sequence. ``hf_one_task``
-(one model, the whole batch, no swapping) is the single-task ceiling both are compared with.
-All three interleaved round-robin on the same batches, for k = 1, 2, 4, 8, 16, 32 (batch 32) and
-k = 64 (batch 64), on two input sets:
+the baseline). ``engine``: the batch as the server runs it (``Engine.forward_many``: one bank row
+per sequence, tasks mixed; sequences of very different lengths cut into length groups where
+padding costs more than another forward). ``hf_one_task`` (one model, the whole batch, no
+swapping) is the single-task ceiling both are compared with. All interleaved round-robin on the
+same batches, for k = 1, 2, 4, 8, 16, 32 (batch 32) and k = 64 (batch 64), on two input sets:
 
 * ``packed``: sequences of exactly 128 tokens of real text (SST-2 sentences joined), so no
   sequence is padded and the comparison is the cost of mixing alone (the headline figure);
 * ``glue``: GLUE dev inputs at their real length mix. Here the swap baseline also pads each task
-  group only to its own longest sequence, so with few groups it does less padded work than one
-  forward over the whole batch: that gain comes from padding, not from swapping.
+  group only to its own longest sequence, and a batch of 1-sequence groups is not padded at all.
+  ``engine_one_forward`` (the whole padded batch in one forward, no length groups) shows what the
+  engine's length planning is worth on these inputs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from benchmarks import common
-from bitfit_serve.engine import Engine
+from bitfit_serve.engine import EncodedInput, Engine
 
 NAME = "vs_swap"
 
@@ -79,8 +81,16 @@ def main() -> None:
         return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                   token_type_ids=batch.token_type_ids).logits.float().cpu()
 
-    def run_engine(batch: common.Batch, tasks: list[int]) -> torch.Tensor:
+    def run_engine_one_forward(batch: common.Batch, tasks: list[int]) -> torch.Tensor:
         return engine.forward(common.engine_batch(engine, batch, [rows[t] for t in tasks]))
+
+    def run_engine(sequences: list[EncodedInput], tasks: list[int]) -> torch.Tensor:
+        return engine.forward_many(sequences, [rows[t] for t in tasks], max_batch_size=len(sequences))
+
+    def unpadded(batch: common.Batch) -> list[EncodedInput]:
+        """The batch's sequences without their padding: what the server's batcher holds."""
+        return [EncodedInput(batch.input_ids[i, :n].tolist(), batch.token_type_ids[i, :n].tolist())
+                for i, n in enumerate(batch.lengths)]
 
     texts = common.tokenize(engine.base.tokenizer, common.sample_texts(args.glue_dir, 2000, seed=args.seed))
     packed = common.packed_texts(engine.base.tokenizer, args.glue_dir, 4 * max(b for _, b, _ in cases), length)
@@ -91,14 +101,18 @@ def main() -> None:
         else:
             batches = common.batches_of(texts, b, 4, pad_id, args.device, seed=args.seed + b)
         tasks = [i % k for i in range(b)]
+        sequences = [unpadded(x) for x in batches]
         # Same rows, same values: both must give the same logits, or they do different work.
-        diff = float((run_engine(batches[0], tasks) - run_swap(batches[0], tasks)).abs().max())
-        cpu: dict[str, list[float]] = {}
-        times = common.interleave({
-            "engine": common.cycling(lambda x: run_engine(x, tasks), batches),
+        diff = float((run_engine(sequences[0], tasks) - run_swap(batches[0], tasks)).abs().max())
+        variants = {
+            "engine": common.cycling(lambda x: run_engine(x, tasks), sequences),
             "swap": common.cycling(lambda x: run_swap(x, tasks), batches),
             "hf_one_task": common.cycling(run_hf, batches),
-        }, reps=reps, device=args.device, cpu_out=cpu)
+        }
+        if inputs == "glue":
+            variants["engine_one_forward"] = common.cycling(lambda x: run_engine_one_forward(x, tasks), batches)
+        cpu: dict[str, list[float]] = {}
+        times = common.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
         case = {"inputs": inputs, "batch": b, "tasks_per_batch": k, "max_abs_logit_diff_engine_vs_swap": diff,
                 "batch_shapes": [x.shape for x in batches]}
         for v, t in times.items():
@@ -125,6 +139,7 @@ def plot(args, results: dict) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    every = results
     results = {n: c for n, c in results.items() if c["inputs"] == "packed"}
     labels = [f"{c['tasks_per_batch']}\n(b{c['batch']})" for c in results.values()]
     x = range(len(labels))
@@ -136,15 +151,20 @@ def plot(args, results: dict) -> None:
     a.set_xlabel("distinct tasks per batch")
     a.set_ylabel("sequences / s (median)")
     a.legend(fontsize=8)
-    b.plot(list(x), [c["ratio_engine_over_swap"] for c in results.values()], "o-", label="engine / swap")
-    b.plot(list(x), [c["ratio_engine_over_hf_one_task"] for c in results.values()], "s-", label="engine / HF one task")
+    for inputs, marker in (("packed", "o-"), ("glue", "s--")):
+        cases = [c for c in every.values() if c["inputs"] == inputs]
+        ks = [c["tasks_per_batch"] for c in cases]
+        b.plot(ks, [c["ratio_engine_over_swap"] for c in cases], marker, label=f"engine / swap, {inputs} inputs")
+        b.plot(ks, [c["ratio_engine_over_hf_one_task"] for c in cases], marker, alpha=0.5,
+               label=f"engine / HF one task, {inputs} inputs")
     b.axhline(1.3, color="r", lw=0.8, ls="--", label="target 1.3x (32 tasks)")
     b.axhline(1.0, color="k", lw=0.8)
-    b.set_xticks(list(x), labels)
+    b.set_xscale("log", base=2)
     b.set_xlabel("distinct tasks per batch")
     b.set_ylabel("throughput ratio")
     b.legend(fontsize=8)
-    fig.suptitle(f"engine vs swap-per-sub-batch, unpadded real text ({args.model}, {args.device} {args.dtype}, {args.threads} threads)")
+    fig.suptitle(f"engine vs swap-per-sub-batch (left: unpadded real text; {args.model}, {args.device} {args.dtype}, {args.threads} threads)",
+                 fontsize=10)
     fig.tight_layout()
     fig.savefig(common.plot_path(args, NAME), dpi=110)
 
