@@ -3,8 +3,9 @@ forward per batch on a single inference thread. The event loop never runs the mo
 
 Life of a request (one HTTP call, any number of tasks):
 
-1. admission, on the event loop: if the sequences waiting plus this request's exceed
-   ``max_queue``, raise Overloaded (503 + Retry-After) at once, before any work;
+1. admission, on the event loop: while the queue is full the server refuses the request before
+   reading its body; then, if the sequences waiting plus this request's exceed ``max_queue``,
+   Overloaded (503 + Retry-After) at once, before any work;
 2. ``registry.acquire`` pins the current version of every task once, so the whole request is
    served by those versions even if a task is replaced meanwhile (its row is not freed while
    pinned); UnknownTask here is a 404;
@@ -119,6 +120,14 @@ class Batcher:
         return self._state.depth
 
     # ------------------------------------------------------------------ event-loop side
+    def check_room(self, n: int = 1) -> None:
+        """Raise Overloaded unless ``n`` more sequences fit in the queue. The server also calls it
+        before reading a request's body, so that refusing costs next to nothing under overload."""
+        depth = self._state.depth
+        if depth + n > self.max_queue:
+            raise Overloaded(f"the queue is full ({depth} of max_queue={self.max_queue} sequences waiting); "
+                             f"retry after {self.retry_after_s} s", retry_after=self.retry_after_s)
+
     async def submit(self, groups: Sequence[Group]) -> list[list[Prediction]]:
         """Run every group's inputs on its task; returns the predictions per group, in order."""
         n = sum(len(inputs) for _, inputs in groups)
@@ -127,10 +136,7 @@ class Batcher:
         with self._cond:
             if self._state.stopping or self._state.exited:
                 raise NotReady("the inference worker is not running")
-            if self._state.depth + n > self.max_queue:
-                raise Overloaded(f"the queue is full ({self._state.depth} of max_queue={self.max_queue} "
-                                 f"sequences waiting); retry after {self.retry_after_s} s",
-                                 retry_after=self.retry_after_s)
+            self.check_room(n)
             self._state.depth += n
         loop = asyncio.get_running_loop()
         request = None

@@ -185,7 +185,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     app.add_middleware(_BodyLimit, limit_for=lambda scope: (
         ("max_upload_bytes", settings.max_upload_bytes) if scope["method"] == "PUT"
         else ("max_request_bytes", settings.max_request_bytes)))
-    app.add_middleware(_Observe, metrics=s.metrics)  # outermost: also counts the 413s of _BodyLimit
+    app.add_middleware(_ShedLoad, batcher=lambda: s.batcher, metrics=s.metrics)
+    app.add_middleware(_Observe, metrics=s.metrics)  # outermost: also counts the 413s and early 503s
 
     def valid_task_name(task: str) -> None:
         check_task_name(task)  # first of all: before the token, the body, or any disk access
@@ -412,6 +413,44 @@ class _BodyLimit:
         await self.app(scope, limited, send)
 
 
+class _ShedLoad:
+    """While the queue is full, refuse inference requests (503 + Retry-After) before their body is
+    read or parsed. Under overload most requests are refused, and parsing each one first would
+    take the event loop from the requests it does admit: their latency would grow with the
+    offered load instead of staying bounded by the queue."""
+
+    def __init__(self, app: ASGIApp, batcher: Callable[[], Batcher | None], metrics: Metrics):
+        self.app = app
+        self.batcher = batcher
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = _predict_route(scope) if scope["type"] == "http" else None
+        batcher = self.batcher() if route else None
+        if batcher is not None:
+            try:
+                batcher.check_room()
+            except Overloaded as e:
+                scope["bitfit.route"] = route  # for _Observe: no route was matched
+                self.metrics.errors.labels(e.code).inc()
+                headers = {"Retry-After": str(max(1, round(e.retry_after)))}
+                await _error(e.status_code, e.code, e.message, headers)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _predict_route(scope: Scope) -> str | None:
+    """The route template of an inference request, or None."""
+    if scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    if path == "/v1/predict":
+        return path
+    parts = path.split("/")
+    return "/v1/tasks/{task}/predict" if len(parts) == 5 and parts[:3] == ["", "v1", "tasks"] \
+        and parts[4] == "predict" else None
+
+
 class _Observe:
     """Request count and latency by route template (never the raw path: bounded label values)."""
 
@@ -435,6 +474,6 @@ class _Observe:
         try:
             await self.app(scope, receive, observed_send)
         finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
+            route = getattr(scope.get("route"), "path", None) or scope.get("bitfit.route", "unmatched")
             self.metrics.requests.labels(scope["method"], route, str(status)).inc()
             self.metrics.request_seconds.labels(scope["method"], route).observe(time.perf_counter() - start)

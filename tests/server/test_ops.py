@@ -91,6 +91,39 @@ async def test_full_queue_answers_503_with_retry_after(engine, deltas_dir, delta
         assert (await post(4)).status_code == 200  # recovered
 
 
+async def test_full_queue_refuses_before_reading_the_body(engine, deltas_dir, delta_bytes, monkeypatch):
+    """With the queue full, inference requests are refused unparsed (a broken body, an unknown
+    task: still 503 overloaded), so refusing costs the event loop almost nothing; other routes and,
+    once there is room, inference are served as usual."""
+    write_delta(deltas_dir, "q", delta_bytes("q"))
+    entered, release = threading.Event(), threading.Event()
+    real_forward = engine.forward
+
+    def blocked_forward(batch):
+        entered.set()
+        release.wait(10)
+        return real_forward(batch)
+
+    monkeypatch.setattr(engine, "forward", blocked_forward)
+    async with serving(engine, deltas_dir, max_queue=4) as client:
+        first = asyncio.create_task(client.post("/v1/tasks/q/predict", json={"inputs": ["a"]}))
+        await asyncio.to_thread(entered.wait, 10)  # the worker holds the first request
+        second = asyncio.create_task(client.post("/v1/tasks/q/predict", json={"inputs": ["b"] * 4}))
+        while "bitfit_queue_depth 4.0" not in (await client.get("/metrics")).text:
+            await asyncio.sleep(0.01)
+        for path in ("/v1/tasks/nope/predict", "/v1/predict"):
+            r = await client.post(path, content=b"{not json", headers={"content-type": "application/json"})
+            assert_error(r, 503, "overloaded", "max_queue=4")
+            assert r.headers["retry-after"] == "1"
+        assert (await client.get("/v1/tasks/q")).status_code == 200  # not an inference route
+        metrics = (await client.get("/metrics")).text
+        assert 'route="/v1/tasks/{task}/predict",status="503"} 1.0' in metrics
+        assert 'route="/v1/predict",status="503"} 1.0' in metrics
+        release.set()
+        assert (await first).status_code == 200 and (await second).status_code == 200
+        assert_error(await client.post("/v1/tasks/nope/predict", json={"inputs": ["a"]}), 404, "unknown_task")
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 async def test_dead_worker_fails_requests_and_readiness(engine, deltas_dir, delta_bytes, monkeypatch):
     write_delta(deltas_dir, "d", delta_bytes("d"))
