@@ -70,7 +70,8 @@ def serve(
     try:
         settings = Settings(model=model, deltas=deltas, host=host, port=port, device=device, dtype=dtype,
                             max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
-                            forward_overhead_tokens=forward_overhead_tokens, max_queue=max_queue, max_texts_per_request=max_texts_per_request,
+                            forward_overhead_tokens=forward_overhead_tokens, max_queue=max_queue,
+                            max_texts_per_request=max_texts_per_request,
                             max_chars_per_text=max_chars_per_text, max_items_per_predict=max_items_per_predict,
                             max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes,
                             admin_token=admin_token, allow_insecure_admin=allow_insecure_admin,
