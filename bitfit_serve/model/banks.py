@@ -63,6 +63,10 @@ class BankView:
     head_bias: torch.Tensor  # [capacity, C_max]
     num_labels: torch.Tensor  # [capacity] long
     pooling: torch.Tensor  # [capacity] long, codes of POOLING_CODES
+    # The same two per row as Python ints, for a single-task batch's fast path: reading them
+    # needs no device sync (written in place with the tensors, like every row).
+    row_labels: list[int]
+    row_pooling: list[int]
 
 
 class Banks:
@@ -81,6 +85,8 @@ class Banks:
             head_bias=torch.zeros(self._capacity, 1, device=device, dtype=dtype),
             num_labels=torch.ones(self._capacity, dtype=torch.long, device=device),
             pooling=torch.zeros(self._capacity, dtype=torch.long, device=device),
+            row_labels=[1] * self._capacity,
+            row_pooling=[0] * self._capacity,
         )
 
     # ------------------------------------------------------------------ queries
@@ -132,8 +138,8 @@ class Banks:
             v.head_bias[row].zero_()
             v.head_weight[row, :n] = delta.head_weight
             v.head_bias[row, :n] = delta.head_bias
-            v.num_labels[row] = n
-            v.pooling[row] = POOLING_CODES[delta.pooling]
+            v.num_labels[row] = v.row_labels[row] = n
+            v.pooling[row] = v.row_pooling[row] = POOLING_CODES[delta.pooling]
 
     def free(self, row: int) -> None:
         """Reset the row to base values (nothing of the old task can leak) and make it reusable."""
@@ -143,8 +149,8 @@ class Banks:
                 bank[row] = self._base[name]
             v.head_weight[row].zero_()
             v.head_bias[row].zero_()
-            v.num_labels[row] = 1
-            v.pooling[row] = 0
+            v.num_labels[row] = v.row_labels[row] = 1
+            v.pooling[row] = v.row_pooling[row] = 0
             self._free_rows.append(row)
 
     # ------------------------------------------------------------------ internals (lock held)
@@ -175,6 +181,8 @@ class Banks:
             head_bias=head_bias,
             num_labels=grown(old.num_labels, 1),
             pooling=grown(old.pooling, 0),
+            row_labels=old.row_labels + [1] * (capacity - old_cap),
+            row_pooling=old.row_pooling + [0] * (capacity - old_cap),
         )
         self._capacity = capacity
         del old  # a forward still running keeps its own view; its pages go at a later trim

@@ -83,13 +83,16 @@ def test_mixed_batch_equals_hf_per_task(tiny_model_dir):
 def test_single_task_batch_uses_fused_path_and_matches(tiny_model_dir):
     _, _, hf_base = load_hf_base(tiny_model_dir)
     engine = Engine.from_pretrained(tiny_model_dir)
-    for d in _make_deltas(tiny_model_dir, hf_base):
-        v = engine.add_task(d)
-        inputs = _inputs_for(d, 4, offset=1)
-        batch = engine.collate(engine.tokenize(v, inputs), [v.row] * len(inputs))
-        assert batch.single_row == v.row
-        expected = reference_logits(tiny_model_dir, d, inputs)
-        torch.testing.assert_close(engine.forward(batch)[:, : d.num_labels], expected, atol=ATOL, rtol=0)
+    deltas = _make_deltas(tiny_model_dir, hf_base)
+    versions = [engine.add_task(d) for d in deltas]  # the head bank is 5 labels wide from here on
+    for d, v in zip(deltas, versions):
+        for inputs in (_inputs_for(d, 4, offset=1), _inputs_for(d, 1, offset=2)):  # padded, and not
+            batch = engine.collate(engine.tokenize(v, inputs), [v.row] * len(inputs))
+            assert batch.single_row == v.row and batch.has_padding == (len(inputs) > 1)
+            expected = reference_logits(tiny_model_dir, d, inputs)
+            logits = engine.forward(batch)
+            torch.testing.assert_close(logits[:, : d.num_labels], expected, atol=ATOL, rtol=0, msg=d.task)
+            assert logits.shape[1] == 5 and torch.isneginf(logits[:, d.num_labels:]).all()
 
 
 def test_predict_postprocesses_each_problem_type(tiny_bert_dir):
