@@ -290,13 +290,20 @@ def _sessions(runs_dir: Path) -> list[dict[str, Any]]:
 
 
 def _span(sessions: list[dict[str, Any]]) -> str:
-    """First start to last finish of the grid workers, e.g. '4133 s (03:49:01-04:57:54 UTC)'."""
-    done = [s for s in sessions if "finished" in s]
-    if not done:
+    """First start to last finish of the grid workers, per day, e.g.
+    '4133 s (2026-11-24 03:49:01-04:57:54 UTC) + 1911 s (2026-11-30 10:37:56-11:09:49 UTC)'."""
+    by_day: dict[str, list[dict[str, Any]]] = {}
+    for s in sessions:
+        if "finished" in s:
+            by_day.setdefault(s["started"][:10], []).append(s)
+    if not by_day:
         return "not recorded"
-    start = min(datetime.fromisoformat(s["started"]) for s in done)
-    end = max(datetime.fromisoformat(s["finished"]) for s in done)
-    return f"{(end - start).total_seconds():.0f} s ({start:%H:%M:%S}-{end:%H:%M:%S} UTC)"
+    spans = []
+    for day, done in sorted(by_day.items()):
+        start = min(datetime.fromisoformat(s["started"]) for s in done)
+        end = max(datetime.fromisoformat(s["finished"]) for s in done)
+        spans.append(f"{(end - start).total_seconds():.0f} s ({day} {start:%H:%M:%S}-{end:%H:%M:%S} UTC)")
+    return " + ".join(spans)
 
 
 def _average(row: dict[str, dict[str, Any] | None]) -> float | None:
@@ -328,11 +335,15 @@ def render_markdown(result: dict[str, Any]) -> str:
     lines += ["", "`trained values` counts base-model values (the head is trained in every scheme; "
               "`frozen` trains the head only). `n=3` cells: mean ± sample std over seeds 0-2. "
               "avg = mean of the first metric of each task. `not run`: did not fit in the CPU budget.", "",
-              "The paper's BERT-base numbers are not copied beside ours: no copy of the paper's tables was "
-              "available offline to check them against, and numbers quoted from memory could be wrong "
-              "(see Ben Zaken et al., 2022, arXiv:2106.10199, Tables 1-2). They are for a 110M-parameter "
-              "MLM-pretrained BERT trained for many epochs, so they are not comparable with a CPU-budget "
-              "run on a 22M-parameter sentence-embedding model anyway.", ""]
+              "**The paper's BERT-base numbers are not beside ours**: no copy of its tables could be read "
+              "offline (the stored copies of arXiv:2106.10199 that could be searched, ar5iv and a LaTeX "
+              "dump, gave the abstract and introduction only; the authors' repository, "
+              "github.com/benzakenelad/BitFit, has code but no results), and numbers quoted from memory "
+              "could be wrong (Ben Zaken et al., ACL 2022, Tables 1-3). What the repository does show is "
+              "the protocol gap: its `run_glue.py` defaults are lr 1e-3, **16 epochs, batch 8** "
+              "(about 32x the optimizer steps of a run here). The paper's numbers are for a "
+              "110M-parameter MLM-pretrained BERT, so they would not be comparable with a CPU-budget run "
+              "on a 22M-parameter sentence-embedding model anyway.", ""]
     avg = result["table1_average"]
     if all(avg.get(s) is not None for s in ("bitfit", "full", "frozen")):
         gap = avg["bitfit"] - avg["full"]
@@ -363,8 +374,8 @@ def render_markdown(result: dict[str, Any]) -> str:
               "is skipped, so the grid was run in pieces across sessions, by several worker processes).", "",
               f"- Hardware: {result['hardware']['processor']}, {result['hardware']['torch_threads']} torch threads, "
               f"torch {result['hardware']['torch']}; CPU shared with other jobs, so wall times are upper bounds.",
-              f"- Wall time: {_span(sessions)} with {len(sessions)} grid worker process(es) sharing the runs "
-              f"folder (resumed runs skip finished ones); sum of per-run wall times "
+              f"- Wall time: {_span(sessions)} with {len(sessions)} grid worker process(es) in all sharing the "
+              f"runs folder (resumed runs skip finished ones); sum of per-run wall times "
               f"{result['sum_of_run_wall_s']:.0f} s.",
               f"- Epochs: Tables 1 and 2 {b['epochs']} (frozen: {b['frozen_epochs']} epochs of the head on "
               f"cached features), Table 3 {b['table3_epochs']}. The paper trains much longer; these are "

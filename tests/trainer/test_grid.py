@@ -77,3 +77,15 @@ def test_run_grid_commits_records_apart_from_deltas_and_resumes(tiny_bert_dir, t
     stamps = {p: p.stat().st_mtime_ns for p in runs.glob("*.run.json")}
     second = run_grid(budget, tmp_path / "glue", runs, results, **kwargs)
     assert second["completed_runs"] == 6 and {p: p.stat().st_mtime_ns for p in runs.glob("*.run.json")} == stamps
+
+
+def test_wall_time_is_reported_per_day_when_the_grid_resumes_later():
+    from trainer.grid import _span
+
+    sessions = [{"started": "2026-11-24T03:49:01+00:00", "finished": "2026-11-24T04:57:54+00:00"},
+                {"started": "2026-11-24T04:12:48+00:00", "finished": "2026-11-24T04:50:00+00:00"},
+                {"started": "2026-11-30T10:37:56+00:00", "finished": "2026-11-30T11:09:49+00:00"},
+                {"started": "2026-11-30T10:40:00+00:00"}]  # killed: no finish recorded
+    assert _span(sessions) == ("4133 s (2026-11-24 03:49:01-04:57:54 UTC) + "
+                               "1913 s (2026-11-30 10:37:56-11:09:49 UTC)")
+    assert _span([]) == "not recorded"
