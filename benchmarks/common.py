@@ -389,6 +389,7 @@ def engine_batch(engine, batch: Batch, rows: Sequence[int]):
         rows=torch.tensor(list(rows), dtype=torch.long, device=batch.input_ids.device),
         single_row=rows[0] if len(set(rows)) == 1 else None,
         has_padding=min(batch.lengths) < batch.shape[1],
+        row_list=tuple(rows),
     )
 
 

@@ -180,6 +180,7 @@ class Engine:
             rows=torch.tensor(list(rows), dtype=torch.long, device=device),
             single_row=rows[0] if len(set(rows)) == 1 else None,
             has_padding=any(len(e) < width for e in encoded),
+            row_list=tuple(rows),
         )
 
     def forward(self, batch: EncoderBatch) -> torch.Tensor:

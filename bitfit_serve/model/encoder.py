@@ -31,6 +31,9 @@ class EncoderBatch:
     rows: torch.Tensor  # [B] long, bank row (task version slot) per sequence
     single_row: int | None = None  # set when every sequence uses the same row: enables fused bias adds
     has_padding: bool = True  # False when every sequence fills T: attention then needs no mask
+    # ``rows`` on the host, when known: pooling and head skip what the batch's tasks do not need,
+    # with no device sync to find out.
+    row_list: tuple[int, ...] = ()
 
 
 class _Sites:
@@ -121,7 +124,10 @@ def encode(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor
 def pool(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor) -> torch.Tensor:
     """[B, T, H] -> [B, H], each row pooled the way its task was trained (pooler / cls / mean)."""
     if batch.single_row is not None:  # one task: compute only its pooling
-        return _pool_one(base, view, batch, hidden, view.row_pooling[batch.single_row])
+        return _pool_alike(base, view, batch, hidden, view.row_pooling[batch.single_row])
+    kinds = {view.row_pooling[r] for r in batch.row_list}
+    if len(kinds) == 1:  # several tasks, one way of pooling (the usual case)
+        return _pool_alike(base, view, batch, hidden, kinds.pop())
     codes = view.pooling.index_select(0, batch.rows)  # [B]
     cls = hidden[:, 0]
     mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
@@ -136,8 +142,8 @@ def pool(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Ten
     return pooled
 
 
-def _pool_one(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor, code: int) -> torch.Tensor:
-    """``pool`` for a batch of one task: the same values, a third of the ops (batch-1 latency)."""
+def _pool_alike(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor, code: int) -> torch.Tensor:
+    """``pool`` for a batch whose tasks all pool the same way: the same values, a third of the ops."""
     if code == POOLING_CODES["mean"]:
         if not batch.has_padding:
             return hidden.mean(1)
@@ -145,12 +151,13 @@ def _pool_one(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torc
         return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
     cls = hidden[:, 0]
     if code == POOLING_CODES["pooler"] and "pooler.dense.weight" in base.weights:
-        bias = _Sites(base, view, batch)("pooler.dense.bias")
-        return torch.tanh(F.linear(cls, base.weights["pooler.dense.weight"], bias))
+        bias = _Sites(base, view, batch)("pooler.dense.bias")  # [D], or [B, 1, D] per row
+        return torch.tanh(_linear(cls.unsqueeze(1), base.weights["pooler.dense.weight"], bias).squeeze(1))
     return cls
 
 
-def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_row: int | None = None) -> torch.Tensor:
+def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_row: int | None = None,
+             row_list: tuple[int, ...] = ()) -> torch.Tensor:
     """[B, H] -> [B, C_max] logits: out[i] = head_w[rows[i]] @ pooled[i] + head_b[rows[i]].
 
     Columns beyond a row's label count are -inf, so softmax over the padded width is exact.
@@ -162,6 +169,8 @@ def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_ro
     weight = view.head_weight.index_select(0, rows)  # [B, C_max, H]
     bias = view.head_bias.index_select(0, rows)  # [B, C_max]
     logits = torch.baddbmm(bias.unsqueeze(-1), weight, pooled.unsqueeze(-1)).squeeze(-1)
+    if row_list and all(view.row_labels[r] == logits.shape[1] for r in row_list):
+        return logits  # every task uses the whole width: nothing to mask
     columns = torch.arange(logits.shape[1], device=logits.device)
     valid = columns.unsqueeze(0) < view.num_labels.index_select(0, rows).unsqueeze(1)
     return logits.masked_fill(~valid, float("-inf"))
@@ -171,4 +180,4 @@ def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_ro
 def forward(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor:
     """Token ids -> [B, C_max] logits, each row through its own task's values and head."""
     hidden = encode(base, view, batch)
-    return classify(view, batch.rows, pool(base, view, batch, hidden), batch.single_row)
+    return classify(view, batch.rows, pool(base, view, batch, hidden), batch.single_row, batch.row_list)

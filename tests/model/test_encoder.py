@@ -80,6 +80,17 @@ def test_mixed_batch_equals_hf_per_task(tiny_model_dir):
     _check_mixed_batch(tiny_model_dir, _make_deltas(tiny_model_dir, hf_base), engine)
 
 
+@pytest.mark.parametrize("pooling", ["pooler", "mean", "cls"])
+def test_mixed_batch_of_alike_tasks_equals_hf_per_task(tiny_model_dir, pooling):
+    """Tasks that pool the same way and share a label count take the short path (one pooling,
+    no column mask); per-row values, the pooler's bias included, must still apply per row."""
+    _, _, hf_base = load_hf_base(tiny_model_dir)
+    sites = ["pooler.dense.bias", "encoder.layer.1.output.dense.bias"] if pooling == "pooler" else "biases"
+    deltas = [random_delta(tiny_model_dir, f"{pooling}{i}", sites=sites, num_labels=3, pooling=pooling,
+                           seed=10 + i, hf_base=hf_base) for i in range(3)]
+    _check_mixed_batch(tiny_model_dir, deltas, Engine.from_pretrained(tiny_model_dir))
+
+
 def test_single_task_batch_uses_fused_path_and_matches(tiny_model_dir):
     _, _, hf_base = load_hf_base(tiny_model_dir)
     engine = Engine.from_pretrained(tiny_model_dir)
