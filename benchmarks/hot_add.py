@@ -123,7 +123,7 @@ def main() -> None:
         "load_generator_requests": load["requests"], "load_generator_req_per_s": load["requests"] / out["wall_s"],
         # What any request waits on this busy server: the first prediction of a new task cannot
         # beat it, so first_prediction - upload is compared with it.
-        "load_request_ms": common.stats(load["latency_ms"]),
+        "load_request_ms": common.stats(load["latency_ms"]) if load["latency_ms"] else None,
         "first_prediction_after_upload_ms": common.stats([f - u for f, u in zip(new["first_prediction_ms"],
                                                                                  new["upload_ms"])]),
         "delta_file_bytes": len(uploads[0][1]),
@@ -134,8 +134,9 @@ def main() -> None:
           f"upload -> first prediction p50 {summary['first_prediction_ms']['p50']:.1f} ms "
           f"p99 {summary['first_prediction_ms']['p99']:.1f} ms; failed requests {summary['failed_requests']['total']}")
     print(f"after the upload answered, the first prediction took p50 "
-          f"{summary['first_prediction_after_upload_ms']['p50']:.1f} ms; any load-generator request took p50 "
-          f"{summary['load_request_ms']['p50']:.1f} ms")
+          f"{summary['first_prediction_after_upload_ms']['p50']:.1f} ms" + (
+              f"; any load-generator request took p50 {summary['load_request_ms']['p50']:.1f} ms"
+              if summary["load_request_ms"] else " (no load generator)"))
     print("upload steps in process, no load (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
     common.write_result(args, NAME, {"model": str(path), "server_command": command, "summary": summary,
                                      "raw": out}, load_before)
