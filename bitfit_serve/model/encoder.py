@@ -75,6 +75,14 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.
     return out
 
 
+def _linear_residual(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+    """``residual + x @ W.T + bias``: the matmul accumulates into ``residual + bias``, so a
+    per-row bias costs no pass over the output of its own (it rides on the residual add)."""
+    out = residual + bias  # bias [out] or [B, 1, out] broadcasts over positions
+    out.view(-1, weight.shape[0]).addmm_(x.reshape(-1, x.shape[-1]), weight.t())
+    return out
+
+
 def _layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: float) -> torch.Tensor:
     """LayerNorm over the last dim with per-row or shared gamma/beta."""
     if gamma.dim() == 1 and beta.dim() == 1:
@@ -112,12 +120,13 @@ def encode(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor
         q, k, v = _linear(x, w[p + QKV_WEIGHT], qkv_bias).split(cfg.hidden_size, dim=-1)
         ctx = F.scaled_dot_product_attention(split_heads(q), split_heads(k), split_heads(v), attn_mask=keep)
         ctx = ctx.transpose(1, 2).reshape(B, T, cfg.hidden_size)
-        attn = _linear(ctx, w[p + "attention.output.dense.weight"], site(p + "attention.output.dense.bias"))
-        x = _layer_norm(attn + x, site(p + "attention.output.LayerNorm.weight"),
+        attn = _linear_residual(ctx, w[p + "attention.output.dense.weight"],
+                                site(p + "attention.output.dense.bias"), x)
+        x = _layer_norm(attn, site(p + "attention.output.LayerNorm.weight"),
                         site(p + "attention.output.LayerNorm.bias"), eps)
         h = act(_linear(x, w[p + "intermediate.dense.weight"], site(p + "intermediate.dense.bias")))
-        h = _linear(h, w[p + "output.dense.weight"], site(p + "output.dense.bias"))
-        x = _layer_norm(h + x, site(p + "output.LayerNorm.weight"), site(p + "output.LayerNorm.bias"), eps)
+        h = _linear_residual(h, w[p + "output.dense.weight"], site(p + "output.dense.bias"), x)
+        x = _layer_norm(h, site(p + "output.LayerNorm.weight"), site(p + "output.LayerNorm.bias"), eps)
     return x
 
 
