@@ -349,6 +349,19 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
+def _core_error_response(e: BitfitError, metrics: Metrics) -> JSONResponse:
+    """The JSON error for one of our exceptions, with the headers its status calls for; counted."""
+    headers = None
+    if isinstance(e, Overloaded):
+        headers = {"Retry-After": str(max(1, round(e.retry_after)))}
+    elif isinstance(e, NotReady):  # e.g. a hung worker: a client should come back, not give up
+        headers = {"Retry-After": "1"}
+    elif isinstance(e, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    metrics.errors.labels(e.code).inc()
+    return _error(e.status_code, e.code, e.message, headers)
+
+
 def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     def respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         metrics.errors.labels(code).inc()
@@ -356,14 +369,7 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(BitfitError)
     async def core_error(request: Request, e: BitfitError) -> JSONResponse:
-        headers = None
-        if isinstance(e, Overloaded):
-            headers = {"Retry-After": str(max(1, round(e.retry_after)))}
-        elif isinstance(e, NotReady):  # e.g. a hung worker: a client should come back, not give up
-            headers = {"Retry-After": "1"}
-        elif isinstance(e, Unauthorized):
-            headers = {"WWW-Authenticate": "Bearer"}
-        return respond(e.status_code, e.code, e.message, headers)
+        return _core_error_response(e, metrics)
 
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, e: RequestValidationError) -> JSONResponse:
@@ -432,9 +438,7 @@ class _ShedLoad:
                 batcher.check_room()
             except Overloaded as e:
                 scope["bitfit.route"] = route  # for _Observe: no route was matched
-                self.metrics.errors.labels(e.code).inc()
-                headers = {"Retry-After": str(max(1, round(e.retry_after)))}
-                await _error(e.status_code, e.code, e.message, headers)(scope, receive, send)
+                await _core_error_response(e, self.metrics)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
