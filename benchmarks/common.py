@@ -384,13 +384,8 @@ def engine_batch(engine, batch: Batch, rows: Sequence[int]):
     """The same padded tensors as an EncoderBatch with one bank row per sequence."""
     from bitfit_serve.model.encoder import EncoderBatch
 
-    return EncoderBatch(
-        input_ids=batch.input_ids, attention_mask=batch.attention_mask, token_type_ids=batch.token_type_ids,
-        rows=torch.tensor(list(rows), dtype=torch.long, device=batch.input_ids.device),
-        single_row=rows[0] if len(set(rows)) == 1 else None,
-        has_padding=min(batch.lengths) < batch.shape[1],
-        row_list=tuple(rows),
-    )
+    return EncoderBatch.of_rows(batch.input_ids, batch.attention_mask, batch.token_type_ids, rows,
+                                has_padding=min(batch.lengths) < batch.shape[1])
 
 
 # ---------------------------------------------------------------------------------------- timing

@@ -175,13 +175,8 @@ class Engine:
             types[i, :n] = torch.tensor(e.token_type_ids)
             mask[i, :n] = 1
         device = self.base.device
-        return EncoderBatch(
-            input_ids=ids.to(device), attention_mask=mask.to(device), token_type_ids=types.to(device),
-            rows=torch.tensor(list(rows), dtype=torch.long, device=device),
-            single_row=rows[0] if len(set(rows)) == 1 else None,
-            has_padding=any(len(e) < width for e in encoded),
-            row_list=tuple(rows),
-        )
+        return EncoderBatch.of_rows(ids.to(device), mask.to(device), types.to(device), rows,
+                                    has_padding=any(len(e) < width for e in encoded))
 
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
         """[B, C_max] fp32 logits on the CPU (padded columns are -inf)."""

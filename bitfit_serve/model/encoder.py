@@ -12,6 +12,7 @@ banked site per layer.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +35,16 @@ class EncoderBatch:
     # ``rows`` on the host, when known: pooling and head skip what the batch's tasks do not need,
     # with no device sync to find out.
     row_list: tuple[int, ...] = ()
+
+    @classmethod
+    def of_rows(cls, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor,
+                rows: Sequence[int], has_padding: bool) -> "EncoderBatch":
+        """A batch with one bank row per sequence, given on the host (``rows``, ``single_row``
+        and ``row_list`` all follow from it)."""
+        return cls(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                   rows=torch.tensor(list(rows), dtype=torch.long, device=input_ids.device),
+                   single_row=rows[0] if len(set(rows)) == 1 else None, has_padding=has_padding,
+                   row_list=tuple(rows))
 
 
 class _Sites:
@@ -132,37 +143,40 @@ def encode(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor
 
 def pool(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor) -> torch.Tensor:
     """[B, T, H] -> [B, H], each row pooled the way its task was trained (pooler / cls / mean)."""
-    if batch.single_row is not None:  # one task: compute only its pooling
-        return _pool_alike(base, view, batch, hidden, view.row_pooling[batch.single_row])
     kinds = {view.row_pooling[r] for r in batch.row_list}
-    if len(kinds) == 1:  # several tasks, one way of pooling (the usual case)
-        return _pool_alike(base, view, batch, hidden, kinds.pop())
+    if len(kinds) == 1:  # one task, or several that pool alike (the usual case): only that pooling
+        return _pool_as(kinds.pop(), base, view, batch, hidden)
     codes = view.pooling.index_select(0, batch.rows)  # [B]
     cls = hidden[:, 0]
-    mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-    mean = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
-    pooled = torch.where((codes == POOLING_CODES["mean"]).unsqueeze(1), mean, cls)
+    pooled = torch.where((codes == POOLING_CODES["mean"]).unsqueeze(1), _mean_pool(batch, hidden), cls)
     uses_pooler = codes == POOLING_CODES["pooler"]
     if "pooler.dense.weight" in base.weights and bool(uses_pooler.any()):
-        site = _Sites(base, view, batch)
-        dense = torch.tanh(_linear(cls.unsqueeze(1), base.weights["pooler.dense.weight"],
-                                   site("pooler.dense.bias")).squeeze(1))
-        pooled = torch.where(uses_pooler.unsqueeze(1), dense, pooled)
+        pooled = torch.where(uses_pooler.unsqueeze(1), _pooler(base, view, batch, cls), pooled)
     return pooled
 
 
-def _pool_alike(base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor, code: int) -> torch.Tensor:
-    """``pool`` for a batch whose tasks all pool the same way: the same values, a third of the ops."""
+def _pool_as(code: int, base: BaseModel, view: BankView, batch: EncoderBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """Every row pooled the same way: the same values as ``pool``, a third of the ops."""
     if code == POOLING_CODES["mean"]:
-        if not batch.has_padding:
-            return hidden.mean(1)
-        mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
-        return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return _mean_pool(batch, hidden)
     cls = hidden[:, 0]
     if code == POOLING_CODES["pooler"] and "pooler.dense.weight" in base.weights:
-        bias = _Sites(base, view, batch)("pooler.dense.bias")  # [D], or [B, 1, D] per row
-        return torch.tanh(_linear(cls.unsqueeze(1), base.weights["pooler.dense.weight"], bias).squeeze(1))
+        return _pooler(base, view, batch, cls)
     return cls
+
+
+def _mean_pool(batch: EncoderBatch, hidden: torch.Tensor) -> torch.Tensor:
+    """Mean over each sequence's real tokens."""
+    if not batch.has_padding:
+        return hidden.mean(1)
+    mask = batch.attention_mask.unsqueeze(-1).to(hidden.dtype)  # [B, T, 1]
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+
+
+def _pooler(base: BaseModel, view: BankView, batch: EncoderBatch, cls: torch.Tensor) -> torch.Tensor:
+    """BERT's pooler, tanh(dense(cls)), with each row's pooler bias."""
+    bias = _Sites(base, view, batch)("pooler.dense.bias")  # [D], or [B, 1, D] per row
+    return torch.tanh(_linear(cls.unsqueeze(1), base.weights["pooler.dense.weight"], bias).squeeze(1))
 
 
 def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_row: int | None = None,
