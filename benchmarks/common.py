@@ -415,6 +415,15 @@ def interleave(variants: Mapping[str, Callable[[], object]], reps: int, warmup: 
     return times
 
 
+def paired_ratio(reference: Sequence[float], variant: Sequence[float]) -> float:
+    """Median over repetitions of ``reference[r] / variant[r]`` (the variant's speed relative to
+    the reference, as a throughput ratio). ``interleave`` runs every variant on the same batch
+    within a repetition, back to back, so a slow spell of the machine hits both sides of a pair:
+    the per-repetition ratios cancel it, the ratio of the two medians does not."""
+    assert len(reference) == len(variant), "paired timings come from one interleave run"
+    return statistics.median(r / v for r, v in zip(reference, variant))
+
+
 def percentile(values: Sequence[float], q: float) -> float:
     """Nearest-rank percentile (q in [0, 100]) of raw values, no interpolation."""
     ordered = sorted(values)
