@@ -61,3 +61,14 @@ def test_summary_lists_every_target_even_without_results(tmp_path):
 
     rows = summary.rows(tmp_path, "")
     assert rows and all(measured == "not run" for _, measured, _, _ in rows)
+
+
+def test_paired_ratio_is_the_median_of_per_repetition_speed_ratios():
+    # The variant is 10% slower in every repetition; repetitions 3-5 ran while the machine was
+    # twice as slow, one pair of them a further 50% (both sides of a pair are hit alike).
+    reference = [1.0, 1.0, 2.0, 2.0, 3.0]
+    variant = [1.1, 1.1, 2.2, 2.2, 3.3]
+    assert common.paired_ratio(reference, variant) == pytest.approx(1 / 1.1)
+    assert common.paired_ratio(variant, reference) == pytest.approx(1.1)
+    with pytest.raises(AssertionError):
+        common.paired_ratio(reference, variant[:-1])
