@@ -415,6 +415,17 @@ def interleave(variants: Mapping[str, Callable[[], object]], reps: int, warmup: 
     return times
 
 
+def summarize_variants(times: Mapping[str, list[float]], cpu: Mapping[str, list[float]], seqs: int) -> dict[str, dict]:
+    """Per variant of one ``interleave`` run: median wall seconds per call, sequences per second
+    (``seqs`` per call), median process CPU seconds, and the raw timings behind them."""
+    out = {}
+    for v, t in times.items():
+        median = stats(t)["median"]
+        out[v] = {"median_s": median, "seq_per_s": seqs / median, "raw_s": t,
+                  "cpu_median_s": stats(cpu[v])["median"], "cpu_raw_s": cpu[v]}
+    return out
+
+
 def paired_ratio(reference: Sequence[float], variant: Sequence[float]) -> float:
     """Median over repetitions of ``reference[r] / variant[r]`` (the variant's speed relative to
     the reference, as a throughput ratio). ``interleave`` runs every variant on the same batch

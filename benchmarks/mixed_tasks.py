@@ -63,13 +63,9 @@ def main() -> None:
         variants.update({str(k): runner(k, batches) for k in mixes})
         cpu: dict[str, list[float]] = {}
         times = common.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
-        case = {"batch_shapes": [x.shape for x in batches]}
-        for v, t in times.items():
-            case[v] = {"median_s": common.stats(t)["median"], "raw_s": t,
-                       "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v],
-                       "distinct_tasks_per_batch": 1 if v.startswith("1") else min(int(v), b)}
-            case[v]["seq_per_s"] = b / case[v]["median_s"]
+        case = {"batch_shapes": [x.shape for x in batches], **common.summarize_variants(times, cpu, b)}
         for v in times:
+            case[v]["distinct_tasks_per_batch"] = 1 if v.startswith("1") else min(int(v), b)
             case[v]["ratio_vs_one_task"] = case[v]["seq_per_s"] / case["1"]["seq_per_s"]
             case[v]["cpu_ratio_vs_one_task"] = case["1"]["cpu_median_s"] / case[v]["cpu_median_s"]
             case[v]["paired_ratio_vs_one_task"] = common.paired_ratio(times["1"], times[v])

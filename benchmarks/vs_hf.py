@@ -118,12 +118,9 @@ def main() -> None:
 
 
 def summarize(times: dict[str, list[float]], cpu: dict[str, list[float]], seqs: int, shapes: list) -> dict:
-    out = {"batch_shapes": shapes}
-    for v, t in times.items():
-        s = common.stats(t)
-        out[v] = {"median_s": s["median"], "seq_per_s": seqs / s["median"], "raw_s": t,
-                  "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v]}
+    out = {"batch_shapes": shapes, **common.summarize_variants(times, cpu, seqs)}
     out["ratio_engine_over_hf"] = out["engine"]["seq_per_s"] / out["hf"]["seq_per_s"]
+    out["paired_ratio_engine_over_hf"] = common.paired_ratio(times["hf"], times["engine"])
     out["cpu_ratio_engine_over_hf"] = out["hf"]["cpu_median_s"] / out["engine"]["cpu_median_s"]
     return out
 

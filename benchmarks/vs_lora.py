@@ -101,10 +101,8 @@ def main() -> None:
         }, reps=reps, device=args.device, cpu_out=cpu)
         case = {"adapters": k, "batch": b, "adapters_give_distinct_outputs": distinct,
                 "batch_shapes": [x.shape for x in batches]}
-        for v, t in times.items():
-            med = common.stats(t)["median"]
-            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t,
-                       "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v]}
+        case.update(common.summarize_variants(times, cpu, b))
+        case["paired_ratio_engine_over_lora"] = common.paired_ratio(times["lora"], times["engine"])
         case["cpu_ratio_engine_over_lora"] = case["lora"]["cpu_median_s"] / case["engine"]["cpu_median_s"]
         case["ratio_engine_over_lora"] = case["engine"]["seq_per_s"] / case["lora"]["seq_per_s"]
         case["ratio_lora_over_hf_one_task"] = case["lora"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]

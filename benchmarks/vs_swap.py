@@ -115,10 +115,8 @@ def main() -> None:
         times = common.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
         case = {"inputs": inputs, "batch": b, "tasks_per_batch": k, "max_abs_logit_diff_engine_vs_swap": diff,
                 "batch_shapes": [x.shape for x in batches]}
-        for v, t in times.items():
-            med = common.stats(t)["median"]
-            case[v] = {"median_s": med, "seq_per_s": b / med, "raw_s": t,
-                       "cpu_median_s": common.stats(cpu[v])["median"], "cpu_raw_s": cpu[v]}
+        case.update(common.summarize_variants(times, cpu, b))
+        case["paired_ratio_engine_over_swap"] = common.paired_ratio(times["swap"], times["engine"])
         case["cpu_ratio_engine_over_swap"] = case["swap"]["cpu_median_s"] / case["engine"]["cpu_median_s"]
         case["ratio_engine_over_swap"] = case["engine"]["seq_per_s"] / case["swap"]["seq_per_s"]
         case["ratio_engine_over_hf_one_task"] = case["engine"]["seq_per_s"] / case["hf_one_task"]["seq_per_s"]
