@@ -37,6 +37,7 @@ import torch
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 RUNS_DIR = Path(__file__).resolve().parent.parent / "runs"  # git-ignored: generated model folders
 DEFAULT_GLUE_DIR = Path("/work/shared/data/glue")
+MINILM_ENV = "BITFIT_BENCH_MINILM"  # a MiniLM folder to use instead of the bundled package
 
 # BERT-base shape (bert-base-uncased): timing needs the shape, not trained weights.
 BERT_BASE = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -282,11 +283,12 @@ def batches_of(encoded: Sequence[Encoded], batch_size: int, count: int, pad_id: 
 
 # ---------------------------------------------------------------------------------------- models
 def model_path(name: str) -> Path:
-    """minilm -> the bundled all-MiniLM-L6-v2; bert-base / tiny -> random weights, saved once under runs/."""
+    """minilm -> the bundled all-MiniLM-L6-v2 (or the folder in $BITFIT_BENCH_MINILM: a GPU machine
+    has no bundled package, see gpu_kit.py); bert-base / tiny -> random weights, saved once under runs/."""
     from bitfit_serve.model.base import default_model_path
 
     if name == "minilm":
-        return default_model_path()
+        return Path(os.environ[MINILM_ENV]) if os.environ.get(MINILM_ENV) else default_model_path()
     if name in ("bert-base", "tiny"):
         folder = RUNS_DIR / f"{name}-random"
         if not (folder / "config.json").is_file():
@@ -303,10 +305,8 @@ def build_random_bert(folder: Path, shape: Mapping, seed: int = 0) -> Path:
     bert-base-uncased). Biases and LayerNorms get small random values so they are not trivial."""
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from bitfit_serve.model.base import default_model_path
-
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(model_path("minilm"), local_files_only=True)
     model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, **shape))
     with torch.no_grad():
         for p in model.parameters():

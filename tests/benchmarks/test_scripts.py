@@ -72,3 +72,27 @@ def test_paired_ratio_is_the_median_of_per_repetition_speed_ratios():
     assert common.paired_ratio(variant, reference) == pytest.approx(1.1)
     with pytest.raises(AssertionError):
         common.paired_ratio(reference, variant[:-1])
+
+
+def test_gpu_kit_writes_an_fp16_model_the_engine_serves_and_the_glue_files_read(tiny_bert_dir, glue_dir, tmp_path,
+                                                                                monkeypatch):
+    import torch
+    from safetensors.torch import load_file
+
+    from benchmarks import gpu_kit
+    from bitfit_serve.engine import Engine
+
+    gpu_kit.write_fp16_model(tiny_bert_dir, tmp_path / "model")
+    gpu_kit.copy_glue_dev(glue_dir, tmp_path / "glue")
+    weights = load_file(tmp_path / "model" / gpu_kit.WEIGHTS)
+    assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
+    assert common.glue_dev_texts(tmp_path / "glue") == common.glue_dev_texts(glue_dir)
+    monkeypatch.setenv(common.MINILM_ENV, str(tmp_path / "model"))
+    assert common.model_path("minilm") == tmp_path / "model"  # what gpu_run.sh points the scripts at
+
+    texts = SENTENCES[:3]
+    kit, original = Engine.from_pretrained(tmp_path / "model"), Engine.from_pretrained(tiny_bert_dir)
+    for engine, folder in ((kit, tmp_path / "model"), (original, tiny_bert_dir)):
+        engine.add_task(common.DeltaFactory(folder)("t", seed=0))  # a delta names its base's fingerprint
+    for a, b in zip(kit.predict([("t", x) for x in texts]), original.predict([("t", x) for x in texts])):
+        assert abs(a.score - b.score) < 1e-2  # fp16 weights, fp32 compute: close, not equal
