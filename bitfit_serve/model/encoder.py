@@ -99,7 +99,7 @@ def _layer_norm(x: torch.Tensor, gamma: torch.Tensor, beta: torch.Tensor, eps: f
 
     F.layer_norm only takes shared parameters. The common mixed case, per-row beta with a shared
     gamma (BitFit trains biases), adds beta in place on its output: one pass, no temporary
-    (~1% of a mixed batch-8 forward on CPU against a separate affine)."""
+    (a mixed batch-8 forward on CPU: 0.952x -> 0.983x one task, against a no-affine norm + addcmul)."""
     if gamma.dim() == 1:
         out = F.layer_norm(x, x.shape[-1:], gamma, beta if beta.dim() == 1 else None, eps)
         return out if beta.dim() == 1 else out.add_(beta)
