@@ -25,6 +25,7 @@ from bitfit_serve.model.banks import Banks
 from bitfit_serve.model.base import BaseModel, load_base
 from bitfit_serve.model.encoder import EncoderBatch, forward
 from bitfit_serve.registry import TaskRegistry, TaskVersion
+from bitfit_serve.settings import MAX_BATCH_REQUESTS, MAX_BATCH_TOKENS
 
 TextInput = Union[str, Sequence[str]]  # one text, or a (first, second) pair for pair tasks
 
@@ -182,13 +183,14 @@ class Engine:
         """[B, C_max] fp32 logits on the CPU (padded columns are -inf)."""
         return forward(self.base, self.banks.view(), batch).float().cpu()
 
-    def plan(self, lengths: Sequence[int], max_batch_size: int = 64, max_batch_tokens: int = 8192) -> list[list[int]]:
+    def plan(self, lengths: Sequence[int], max_batch_size: int = MAX_BATCH_REQUESTS,
+             max_batch_tokens: int = MAX_BATCH_TOKENS) -> list[list[int]]:
         """Indices of ``lengths`` cut into batches for this device (see ``plan_batches``)."""
         return plan_batches(lengths, max_tokens=max_batch_tokens, max_seqs=max_batch_size,
                             overhead_tokens=self.forward_overhead_tokens)
 
     def forward_many(self, encoded: Sequence[EncodedInput], rows: Sequence[int],
-                     max_batch_size: int = 64) -> torch.Tensor:
+                     max_batch_size: int = MAX_BATCH_REQUESTS) -> torch.Tensor:
         """Logits for any number of sequences (tasks mixed), in input order: cut into batches by
         ``plan`` (one forward each), so that short sequences are not padded to long ones."""
         batches = self.plan([len(e) for e in encoded], max_batch_size)
@@ -213,7 +215,8 @@ class Engine:
                           scores={label: float(p) for label, p in zip(version.labels, probs)})
 
     # ------------------------------------------------------------------ convenience API
-    def predict(self, items: Iterable[tuple[str, TextInput]], max_batch_size: int = 64) -> list[Prediction]:
+    def predict(self, items: Iterable[tuple[str, TextInput]],
+                max_batch_size: int = MAX_BATCH_REQUESTS) -> list[Prediction]:
         """Run ``(task, text_or_pair)`` items, tasks mixed freely, in length-sorted batches."""
         items = list(items)
         versions = self.registry.acquire(task for task, _ in items)

@@ -11,6 +11,9 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 ENV_PREFIX = "BITFIT_SERVE_"
+# Batch limits, shared with Engine.plan / forward_many / predict as their defaults.
+MAX_BATCH_TOKENS = 8192
+MAX_BATCH_REQUESTS = 64
 
 
 @dataclass(frozen=True)
@@ -23,8 +26,8 @@ class Settings:
     dtype: str = "float32"
     # Batching: a forward takes at most this many padded tokens (batch x longest sequence) and
     # this many sequences; a sequence longer than the budget runs alone.
-    max_batch_tokens: int = 8192
-    max_batch_requests: int = 64
+    max_batch_tokens: int = MAX_BATCH_TOKENS
+    max_batch_requests: int = MAX_BATCH_REQUESTS
     # What one more forward costs, in padded tokens' worth: sequences of mixed lengths are cut into
     # batches wherever the padding would cost more. None: the device's default (CPU 64, GPU 16384;
     # see bitfit_serve.engine.FORWARD_OVERHEAD_TOKENS).
