@@ -184,23 +184,23 @@ def _pooler(base: BaseModel, view: BankView, batch: EncoderBatch, cls: torch.Ten
     return torch.tanh(_linear(cls.unsqueeze(1), base.weights["pooler.dense.weight"], bias).squeeze(1))
 
 
-def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_row: int | None = None,
-             row_list: tuple[int, ...] = ()) -> torch.Tensor:
+def classify(view: BankView, batch: EncoderBatch, pooled: torch.Tensor) -> torch.Tensor:
     """[B, H] -> [B, C_max] logits: out[i] = head_w[rows[i]] @ pooled[i] + head_b[rows[i]].
 
     Columns beyond a row's label count are -inf, so softmax over the padded width is exact.
     """
-    if single_row is not None:  # one task: one matmul with its head, no gathers
-        n, width = view.row_labels[single_row], view.head_weight.shape[1]
-        logits = F.linear(pooled, view.head_weight[single_row, :n], view.head_bias[single_row, :n])
+    row = batch.single_row
+    if row is not None:  # one task: one matmul with its head, no gathers
+        n, width = view.row_labels[row], view.head_weight.shape[1]
+        logits = F.linear(pooled, view.head_weight[row, :n], view.head_bias[row, :n])
         return logits if n == width else F.pad(logits, (0, width - n), value=float("-inf"))
-    weight = view.head_weight.index_select(0, rows)  # [B, C_max, H]
-    bias = view.head_bias.index_select(0, rows)  # [B, C_max]
+    weight = view.head_weight.index_select(0, batch.rows)  # [B, C_max, H]
+    bias = view.head_bias.index_select(0, batch.rows)  # [B, C_max]
     logits = torch.baddbmm(bias.unsqueeze(-1), weight, pooled.unsqueeze(-1)).squeeze(-1)
-    if row_list and all(view.row_labels[r] == logits.shape[1] for r in row_list):
+    if batch.row_list and all(view.row_labels[r] == logits.shape[1] for r in batch.row_list):
         return logits  # every task uses the whole width: nothing to mask
     columns = torch.arange(logits.shape[1], device=logits.device)
-    valid = columns.unsqueeze(0) < view.num_labels.index_select(0, rows).unsqueeze(1)
+    valid = columns.unsqueeze(0) < view.num_labels.index_select(0, batch.rows).unsqueeze(1)
     return logits.masked_fill(~valid, float("-inf"))
 
 
@@ -208,4 +208,4 @@ def classify(view: BankView, rows: torch.Tensor, pooled: torch.Tensor, single_ro
 def forward(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor:
     """Token ids -> [B, C_max] logits, each row through its own task's values and head."""
     hidden = encode(base, view, batch)
-    return classify(view, batch.rows, pool(base, view, batch, hidden), batch.single_row, batch.row_list)
+    return classify(view, batch, pool(base, view, batch, hidden))
