@@ -537,6 +537,20 @@ def write_task_files(factory: DeltaFactory, folder: Path, names: Sequence[str], 
     return pairs
 
 
+# The server's /metrics counters of its forward passes: seconds, passes, sequences.
+FORWARD_COUNTERS = ("bitfit_forward_duration_seconds_sum", "bitfit_forward_duration_seconds_count",
+                    "bitfit_batch_size_sum")
+
+
+def forward_activity(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict:
+    """What the server's model did between two scrapes of FORWARD_COUNTERS: how many forwards, their
+    mean time and size, and the share of the wall time it was busy (how loaded the server was)."""
+    seconds, passes, sequences = (after[n] - before[n] for n in FORWARD_COUNTERS)
+    return {"forward_passes": passes, "forward_ms_mean": seconds / passes * 1e3 if passes else None,
+            "sequences_per_forward": sequences / passes if passes else None,
+            "forward_busy_share": seconds / wall_s}
+
+
 class Server:
     """The real ``bitfit-serve serve`` process on 127.0.0.1 and a free port, stopped on exit."""
 
@@ -568,12 +582,21 @@ class Server:
 
     def metric(self, name: str) -> float:
         """One unlabelled sample of the server's /metrics, e.g. bitfit_forward_duration_seconds_sum."""
+        return self.metrics(name)[name]
+
+    def metrics(self, *names: str) -> dict[str, float]:
+        """Several unlabelled samples from one scrape, so that they describe the same moment."""
         import httpx
 
+        found = {}
         for line in httpx.get(self.url + "/metrics", timeout=10.0).text.splitlines():
-            if line.startswith(name + " "):
-                return float(line.split()[1])
-        raise KeyError(name)
+            name, _, value = line.partition(" ")
+            if name in names:
+                found[name] = float(value)
+        missing = set(names) - set(found)
+        if missing:
+            raise KeyError(f"not in /metrics: {sorted(missing)}")
+        return found
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -84,11 +84,10 @@ def main() -> None:
             asyncio.run(load_level(server.url, 2, 1.0, tasks, singles, pairs, seed=1))  # warm-up
             results = {}
             for c in levels:
-                f_sum, f_count = server.metric("bitfit_forward_duration_seconds_sum"), \
-                    server.metric("bitfit_forward_duration_seconds_count")
+                before = server.metrics(*common.FORWARD_COUNTERS)
                 run = asyncio.run(load_level(server.url, c, duration, tasks, singles, pairs, seed=args.seed + c))
-                f_sum = server.metric("bitfit_forward_duration_seconds_sum") - f_sum
-                f_count = server.metric("bitfit_forward_duration_seconds_count") - f_count
+                after = server.metrics(*common.FORWARD_COUNTERS)
+                f_sum, f_count = (after[n] - before[n] for n in common.FORWARD_COUNTERS[:2])
                 lat = run["latencies_s"]
                 ok = run["statuses"].get("200", 0)
                 s = common.stats(lat)

@@ -40,6 +40,7 @@ def serve(
     port: Annotated[int, _opt("port", "port to listen on")] = _D.port,
     device: Annotated[str, _opt("device", "cpu, cuda, cuda:1, ...")] = _D.device,
     dtype: Annotated[str, _opt("dtype", "float32, float16 or bfloat16")] = _D.dtype,
+    threads: Annotated[Optional[int], _opt("threads", "CPU threads per forward pass (default: one per core)")] = None,
     max_batch_tokens: Annotated[int, _opt("max-batch-tokens", "padded tokens per forward pass")] = _D.max_batch_tokens,
     max_batch_requests: Annotated[int, _opt("max-batch-requests", "sequences per forward pass")] = _D.max_batch_requests,
     forward_overhead_tokens: Annotated[Optional[int], _opt(
@@ -62,6 +63,7 @@ def serve(
     log_level: Annotated[str, _opt("log-level", "debug, info, warning, error")] = _D.log_level,
 ) -> None:
     """Run the HTTP server (OpenAPI docs at /docs)."""
+    import torch
     import uvicorn
 
     from bitfit_serve.engine import Engine
@@ -69,7 +71,7 @@ def serve(
 
     try:
         settings = Settings(model=model, deltas=deltas, host=host, port=port, device=device, dtype=dtype,
-                            max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
+                            threads=threads, max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
                             forward_overhead_tokens=forward_overhead_tokens, max_queue=max_queue,
                             max_texts_per_request=max_texts_per_request,
                             max_chars_per_text=max_chars_per_text, max_items_per_predict=max_items_per_predict,
@@ -80,6 +82,8 @@ def serve(
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)  # process-wide, before any forward; the inference thread inherits it
     engine = Engine.from_pretrained(None if settings.model == "default" else settings.model,
                                     device=settings.device, dtype=settings.dtype,
                                     forward_overhead_tokens=settings.forward_overhead_tokens)

@@ -24,6 +24,10 @@ class Settings:
     port: int = 8000
     device: str = "cpu"
     dtype: str = "float32"
+    # CPU threads of one forward pass (torch.set_num_threads). None: torch's default, one per core.
+    # Fewer can answer sooner on a small VM at low load (a sleeping core is slow to wake, see
+    # benchmarks/results/README.md, hot add), at the cost of large-batch throughput.
+    threads: int | None = None
     # Batching: a forward takes at most this many padded tokens (batch x longest sequence) and
     # this many sequences; a sequence longer than the budget runs alone.
     max_batch_tokens: int = MAX_BATCH_TOKENS
@@ -58,6 +62,8 @@ class Settings:
             value = getattr(self, f.name)
             if f.type == "int" and (not isinstance(value, int) or value < 1) and f.name != "port":
                 raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
         if self.forward_overhead_tokens is not None and self.forward_overhead_tokens < 0:
             raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
         if not 0 <= self.port <= 65535:

@@ -49,3 +49,29 @@ def test_tasks(tiny_bert_dir, tmp_path):
 def test_serve_refuses_open_admin_on_a_public_host():
     r = runner.invoke(app, ["serve", "--host", "0.0.0.0"])
     assert r.exit_code == 2 and "admin token" in r.output
+
+
+def test_serve_threads_sets_the_forward_threads_the_inference_thread_uses(tiny_bert_dir, tmp_path, monkeypatch):
+    import threading
+
+    import torch
+    import uvicorn
+
+    seen = {}
+
+    def fake_run(app, **kwargs):  # instead of serving: what a thread started now would compute with
+        worker = threading.Thread(target=lambda: seen.update(threads=torch.get_num_threads()))
+        worker.start()
+        worker.join()
+
+    monkeypatch.setattr(uvicorn, "run", fake_run)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)  # so that the flag has something to change, on any machine
+    try:
+        r = runner.invoke(app, ["serve", "--model", str(tiny_bert_dir), "--deltas", str(tmp_path), "--threads", "1"])
+        assert r.exit_code == 0, r.output
+        assert seen == {"threads": 1}
+    finally:
+        torch.set_num_threads(before)
+    r = runner.invoke(app, ["serve", "--threads", "0"])
+    assert r.exit_code == 2 and "threads must be a positive integer" in r.output

@@ -56,6 +56,32 @@ def test_script_runs_quick(name, tiny_bert_dir, glue_dir, tmp_path, monkeypatch)
     assert (tmp_path / f"{name}.png").stat().st_size > 0
 
 
+def test_hot_add_open_loop_load_records_how_busy_the_server_was(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    from benchmarks import hot_add
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/hot_add.py", "--quick", "--model", str(tiny_bert_dir),
+                                      "--glue-dir", str(glue_dir), "--out", str(tmp_path), "--load-rate", "50"])
+    hot_add.main()
+    summary = json.loads((tmp_path / "hot_add.json").read_text())["summary"]
+    assert summary["load"] == "open loop 50 req/s"
+    assert summary["failed_requests"]["total"] == 0
+    assert summary["load_generator_requests"] > 0
+    server = summary["server_during_adds"]
+    # every add's first prediction is at least one forward; the load generator adds more
+    assert server["forward_passes"] >= summary["adds"] and 0 < server["forward_busy_share"] < 1
+    assert set(summary["batch1_forward_ms_in_process"]) == {"back_to_back", "after_100ms_asleep",
+                                                            "after_100ms_busy_wait"}
+
+
+def test_forward_activity_is_the_difference_of_two_scrapes():
+    names = common.FORWARD_COUNTERS  # seconds, passes, sequences
+    before = dict(zip(names, (1.0, 10, 30)))
+    after = dict(zip(names, (1.5, 20, 50)))
+    assert common.forward_activity(before, after, wall_s=2.0) == {
+        "forward_passes": 10, "forward_ms_mean": 50.0, "sequences_per_forward": 2.0, "forward_busy_share": 0.25}
+    assert common.forward_activity(before, before, wall_s=2.0)["forward_ms_mean"] is None
+
+
 def test_summary_lists_every_target_even_without_results(tmp_path):
     from benchmarks import summary
 
