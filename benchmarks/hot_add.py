@@ -153,7 +153,7 @@ def main() -> None:
     breakdown = install_breakdown(engine, factory, trials=3 if args.quick else 20)
     forward_ms = batch1_forward_after_idle(engine, factory, singles, rounds=1 if args.quick else 2)
     load_label = (f"open loop {args.load_rate:g} req/s" if args.load_rate > 0
-                  else f"{args.load_clients} closed-loop clients")
+                  else f"{args.load_clients} closed-loop clients" if args.load_clients > 0 else "no load")
     activity = out["server_during_adds"]
     new, load = out["new_tasks"], out["load"]
     new_failed = sum(n for s, n in new["statuses"].items() if not s.endswith((" 200", " 201")))

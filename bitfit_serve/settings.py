@@ -25,8 +25,7 @@ class Settings:
     device: str = "cpu"
     dtype: str = "float32"
     # CPU threads of one forward pass (torch.set_num_threads). None: torch's default, one per core.
-    # Fewer can answer sooner on a small VM at low load (a sleeping core is slow to wake, see
-    # benchmarks/results/README.md, hot add), at the cost of large-batch throughput.
+    # Fewer leave cores to other work on the machine (another replica, a co-located client).
     threads: int | None = None
     # Batching: a forward takes at most this many padded tokens (batch x longest sequence) and
     # this many sequences; a sequence longer than the budget runs alone.
