@@ -245,12 +245,7 @@ def batch1_forward_after_idle(engine: Engine, factory: common.DeltaFactory, sing
 
 
 def plot(args, new: dict, load_label: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = common.subplots(2)
     a.plot(new["upload_ms"], ".", label="upload (PUT round trip)")
     a.plot(new["first_prediction_ms"], "x", label="upload -> first prediction")
     a.axhline(20, color="r", lw=0.8, ls="--", label="target p50 20 ms")
@@ -265,9 +260,7 @@ def plot(args, new: dict, load_label: str) -> None:
     b.set_xlabel("ms")
     b.set_ylabel("fraction of adds")
     b.legend(fontsize=8)
-    fig.suptitle(f"hot add under load ({args.model}, {args.device} {args.dtype}, {load_label})")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, "hot add under load", threads=False, extra=load_label)
 
 
 if __name__ == "__main__":

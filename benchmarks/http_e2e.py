@@ -117,14 +117,9 @@ def main() -> None:
 
 
 def plot(args, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     levels = list(results.values())
     x = [str(r["clients"]) for r in levels]
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    fig, (a, b, c) = common.subplots(3, width=13)
     a.bar(x, [r["requests_per_s"] for r in levels])
     a.set_xlabel("concurrent clients")
     a.set_ylabel("requests / s (1 input each)")
@@ -141,9 +136,7 @@ def plot(args, results: dict) -> None:
     c.set_xlabel("concurrent clients")
     c.set_ylabel("share of request latency outside the forward pass")
     c.set_title("overhead")
-    fig.suptitle(f"HTTP end to end, {args.tasks} tasks ({args.model}, {args.device} {args.dtype})")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, f"HTTP end to end, {args.tasks} tasks", threads=False)
 
 
 if __name__ == "__main__":

@@ -154,12 +154,7 @@ def main() -> None:
 
 
 def plot(args, tasks: list[dict], models: list[dict], extrapolated: list[dict]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = common.subplots(2)
     measured = [t for t in tasks if t["tasks"]]
     n = [t["tasks"] for t in measured]
     a.loglog(n, [t["rss_delta"] / 2**20 for t in measured], "o-", label="engine: RSS growth, measured")
@@ -178,9 +173,7 @@ def plot(args, tasks: list[dict], models: list[dict], extrapolated: list[dict]) 
     b.set_xlabel("resident tasks")
     b.set_ylabel("ratio")
     b.legend(fontsize=8)
-    fig.suptitle(f"memory per task ({args.model}, {args.device} {args.dtype})")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, "memory per task", threads=False)
 
 
 if __name__ == "__main__":

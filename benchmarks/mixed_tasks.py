@@ -79,13 +79,8 @@ def main() -> None:
 
 
 def plot(args, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     variants = [v for v in next(iter(results.values())) if v != "batch_shapes"]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = common.subplots(2)
     x = list(range(len(results)))
     width = 0.8 / len(variants)
     for j, v in enumerate(variants):
@@ -102,9 +97,7 @@ def plot(args, results: dict) -> None:
     b.axhline(0.98, color="r", lw=0.8, ls="--", label="target 0.98x")
     b.set_ylim(0.8, 1.1)
     b.legend(fontsize=7, ncol=2)
-    fig.suptitle(f"mixed-task overhead ({args.model}, {args.device} {args.dtype}, {args.threads} threads)")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, "mixed-task overhead")
 
 
 if __name__ == "__main__":

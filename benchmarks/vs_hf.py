@@ -126,12 +126,7 @@ def summarize(times: dict[str, list[float]], cpu: dict[str, list[float]], seqs: 
 
 
 def plot(args, results: dict, latency: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = common.subplots(2)
     cases = list(results)
     x = range(len(cases))
     a.bar([i - 0.2 for i in x], [results[c]["hf"]["seq_per_s"] for c in cases], 0.4, label="HF per task")
@@ -148,9 +143,7 @@ def plot(args, results: dict, latency: dict) -> None:
           color=["C0", "C1", "C0", "C1"])
     b.set_ylabel("ms")
     b.set_title("batch-1 latency (GLUE inputs)")
-    fig.suptitle(f"engine vs plain HF ({args.model}, {args.device} {args.dtype}, {args.threads} threads)")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, "engine vs plain HF")
 
 
 if __name__ == "__main__":

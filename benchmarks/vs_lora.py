@@ -177,12 +177,7 @@ def load_times(engine: Engine, factory: common.DeltaFactory, model, trials: int)
 
 
 def plot(args, results: dict, latency: dict, loading: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b, c) = plt.subplots(1, 3, figsize=(13, 4))
+    fig, (a, b, c) = common.subplots(3, width=13)
     cases = list(results.values())
     x = range(len(cases))
     for v, off, label in (("hf_one_task", -0.27, "HF, one task"), ("engine", 0.0, "engine (BitFit tasks)"),
@@ -204,9 +199,7 @@ def plot(args, results: dict, latency: dict, loading: dict) -> None:
           color=["C1", "C2"])
     c.set_ylabel("ms (median)")
     c.set_title("load one from disk")
-    fig.suptitle(f"engine vs PEFT LoRA ({args.model}, {args.device} {args.dtype}, {args.threads} threads)")
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, "engine vs PEFT LoRA")
 
 
 if __name__ == "__main__":

@@ -132,16 +132,11 @@ def main() -> None:
 
 
 def plot(args, results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     every = results
     results = {n: c for n, c in results.items() if c["inputs"] == "packed"}
     labels = [f"{c['tasks_per_batch']}\n(b{c['batch']})" for c in results.values()]
     x = range(len(labels))
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = common.subplots(2)
     for v, off in (("hf_one_task", -0.27), ("engine", 0.0), ("swap", 0.27)):
         a.bar([i + off for i in x], [c[v]["seq_per_s"] for c in results.values()], 0.27,
               label={"hf_one_task": "HF, one task (ceiling)", "engine": "engine, mixed", "swap": "swap per sub-batch"}[v])
@@ -161,10 +156,7 @@ def plot(args, results: dict) -> None:
     b.set_xlabel("distinct tasks per batch")
     b.set_ylabel("throughput ratio")
     b.legend(fontsize=8)
-    fig.suptitle(f"engine vs swap-per-sub-batch (left: unpadded real text; {args.model}, {args.device} {args.dtype}, {args.threads} threads)",
-                 fontsize=10)
-    fig.tight_layout()
-    fig.savefig(common.plot_path(args, NAME), dpi=110)
+    common.save_figure(fig, args, NAME, "engine vs swap-per-sub-batch, left: unpadded real text", fontsize=10)
 
 
 if __name__ == "__main__":
