@@ -117,6 +117,8 @@ def eval_command(
     glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
     dev_file: Optional[Path] = typer.Option(None, help="dev file for a non-GLUE task (CSV/TSV/JSONL)"),
     label_field: str = typer.Option("label"),
+    dtype: str = typer.Option("float32", help="serving dtype: float32, bfloat16 or float16 (what "
+                                              "bitfit-serve serve --dtype would serve it in)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
     """Serve the delta with bitfit_serve.Engine and recompute its dev metric."""
@@ -132,8 +134,9 @@ def eval_command(
         data = from_records(d.task, rows, rows, d.inputs, label_field, d.problem_type == "regression", d.labels)
     else:
         data = load_glue(glue_task_name(d.task), _glue_dir(glue_dir))
-    report = evaluate(Engine.from_pretrained(None if model == "default" else model), d, data)
-    typer.echo(json.dumps(report, indent=2))
+    engine = Engine.from_pretrained(None if model == "default" else model, dtype=dtype)
+    report = evaluate(engine, d, data)
+    typer.echo(json.dumps({**report, "dtype": str(engine.base.dtype).removeprefix("torch.")}, indent=2))
 
 
 @app.command()

@@ -198,7 +198,12 @@ def test_cli_train_and_eval(tiny_bert_dir, tmp_path):
     r = runner.invoke(app, ["eval", str(out), "--model", str(tiny_bert_dir), "--dev-file", str(tmp_path / "t.csv")])
     assert r.exit_code == 0, r.output
     report = json.loads(r.output[r.output.index("{"):])
-    assert report["max_abs_diff"] == pytest.approx(0.0, abs=1e-9)
+    assert report["max_abs_diff"] == pytest.approx(0.0, abs=1e-9) and report["dtype"] == "float32"
+    r = runner.invoke(app, ["eval", str(out), "--model", str(tiny_bert_dir), "--dev-file", str(tmp_path / "t.csv"),
+                            "--dtype", "bfloat16"])
+    assert r.exit_code == 0, r.output
+    served_bf16 = json.loads(r.output[r.output.index("{"):])
+    assert served_bf16["dtype"] == "bfloat16" and set(served_bf16["engine"]) == set(report["engine"])
     png = tmp_path / "h.png"
     r = runner.invoke(app, ["heatmap", str(out), "--model", str(tiny_bert_dir), "--out", str(png)])
     assert r.exit_code == 0, r.output
