@@ -39,7 +39,14 @@ POOLINGS = ("pooler", "cls", "mean")
 MAX_HEADER_BYTES = 1 << 20  # a MiniLM delta's header is ~10 KB; BERT-large's ~30 KB
 MAX_LENGTH_LIMIT = 8192
 # Task names become file names and URL segments: a strict allowlist, no dots first, no separators.
-TASK_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Matched whole (``is_task_name``): with ``match`` and ``$``, a trailing newline would pass.
+TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+MAX_LENGTH_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() also takes '²'
+
+
+def is_task_name(name: str) -> bool:
+    return TASK_NAME_RE.fullmatch(name) is not None
+
 
 _REQUIRED_METADATA = ("format", "task", "labels", "problem_type", "pooling", "base_fingerprint",
                       "architecture")
@@ -106,7 +113,7 @@ class Delta:
 
 def _check_fields(d: Delta) -> None:
     """Checks that need no base model. Runs on construction, so a Delta in memory is always sane."""
-    if not isinstance(d.task, str) or not TASK_NAME_RE.match(d.task):
+    if not isinstance(d.task, str) or not is_task_name(d.task):
         raise InvalidDelta(f"task: {d.task!r} is not a valid task name (pattern {TASK_NAME_RE.pattern})")
     if d.problem_type not in PROBLEM_TYPES:
         raise InvalidDelta(f"problem_type: {d.problem_type!r} is not one of {PROBLEM_TYPES}")
@@ -200,7 +207,7 @@ def read_header(data: bytes, source: str = "<bytes>") -> tuple[dict[str, Any], d
                            f"{header_len} bytes, file has {len(data) - 8})")
     try:
         header = json.loads(data[8:8 + header_len].decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, integers past Python's digit limit, deep nesting
         raise InvalidDelta(f"{source}: not a safetensors file (header is not JSON: {e})") from e
     if not isinstance(header, dict):
         raise InvalidDelta(f"{source}: not a safetensors file (header is not a JSON object)")
@@ -243,8 +250,8 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
     labels = _json_field(meta, "labels", list)
     inputs = _json_field(meta, "inputs", list, default=["text"])
     max_length = meta.get("max_length", "128")
-    if not max_length.isdigit():
-        raise InvalidDelta(f"max_length: {max_length!r} is not an integer")
+    if not MAX_LENGTH_RE.fullmatch(max_length):
+        raise InvalidDelta(f"max_length: {max_length!r} is not an integer of at most 5 digits")
     return Delta(
         task=meta["task"],
         sites={k: v for k, v in tensors.items() if k not in (HEAD_WEIGHT, HEAD_BIAS)},
@@ -271,7 +278,7 @@ def _json_field(meta: Mapping[str, str], key: str, kind: type, default: Any = No
         return default
     try:
         value = json.loads(meta[key])
-    except json.JSONDecodeError as e:
+    except (ValueError, RecursionError) as e:  # not JSON, integers past Python's digit limit, deep nesting
         raise InvalidDelta(f"{key}: not valid JSON ({e})") from e
     if not isinstance(value, kind):
         raise InvalidDelta(f"{key}: expected a JSON {kind.__name__}, got {type(value).__name__}")

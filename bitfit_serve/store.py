@@ -39,7 +39,7 @@ class Installed:
 
 def check_task_name(task: str) -> str:
     """Raise InvalidInput unless ``task`` may be a task name (and so a file name and URL segment)."""
-    if not delta_io.TASK_NAME_RE.match(task):
+    if not delta_io.is_task_name(task):
         raise InvalidInput(f"task name {task!r} is not allowed: use 1-64 characters from "
                            f"[A-Za-z0-9_.-], starting with a letter or digit")
     return task
@@ -60,7 +60,7 @@ class DeltaStore:
         path = Path(path)
         if path.parent.resolve() != self.root.resolve() or path.suffix != SUFFIX:
             return None
-        return path.stem if delta_io.TASK_NAME_RE.match(path.stem) else None
+        return path.stem if delta_io.is_task_name(path.stem) else None
 
     def scan(self) -> list[str]:
         """Task names of the delta files now in the folder, sorted."""
@@ -132,6 +132,9 @@ class DeltaStore:
             except InvalidDelta as e:
                 log.error("skipping %s: %s", self.path_for(task), e.message)
                 report[task] = f"error: {e.message}"
+            except Exception as e:  # a bug, not the file's fault: still, one file must not stop start-up
+                log.exception("skipping %s: unexpected error", self.path_for(task))
+                report[task] = f"error: {type(e).__name__}: {e}"
         return report
 
 

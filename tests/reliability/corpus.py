@@ -70,6 +70,9 @@ def malformed_deltas(good: Delta, seed: int = 0) -> Iterator[tuple[str, bytes]]:
     yield "header-array", _join("[]", body)
     yield "header-string", _join('"hello"', body)
     yield "header-utf8-broken", struct.pack("<Q", 4) + b"\xff\xfe\xfd\xfc" + body
+    # JSON that json.loads refuses with ValueError / RecursionError rather than JSONDecodeError
+    yield "header-huge-integer", _join('{"x": ' + "1" * 5000 + "}", body)
+    yield "header-deep-nesting", _join('{"x": ' + "[" * 100_000 + "]" * 100_000 + "}", body)
     # Offsets: overlapping, zero-size, out of range, reversed, non-integers.
     names = [k for k in header if k != "__metadata__"]
     for i, name in enumerate(names[:12]):
@@ -142,7 +145,10 @@ def malformed_deltas(good: Delta, seed: int = 0) -> Iterator[tuple[str, bytes]]:
                        ("max_length", "1e9"), ("max_length", "99999"), ("inputs", "[]"),
                        ("inputs", '["a","b","c"]'), ("inputs", "{}"), ("metrics", "[1]"),
                        ("train_args", "nope"), ("task", ""), ("task", "../evil"), ("task", "a/b"),
-                       ("task", "x" * 65), ("task", ".hidden"), ("task", "a\x00b"), ("task", "tâche")]:
+                       ("task", "x" * 65), ("task", ".hidden"), ("task", "a\x00b"), ("task", "tâche"),
+                       ("task", "nl\n"), ("max_length", "\u00b2"), ("max_length", "\u0661\u0662\u0668"),
+                       ("max_length", "1" * 5000), ("metrics", '{"a": ' + "1" * 5000 + "}"),
+                       ("labels", "[" * 50_000 + "]" * 50_000)]:
         yield f"meta-{key}-{value[:12]!r}", _with_tensors(good, tensors, **{key: value})
     no_meta = dict(header)
     no_meta.pop("__metadata__")

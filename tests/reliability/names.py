@@ -7,7 +7,7 @@ from __future__ import annotations
 from typing import Iterator
 from urllib.parse import quote
 
-from bitfit_serve.delta import TASK_NAME_RE
+from bitfit_serve.delta import is_task_name
 
 _UP = ["..", ".", "...", "....", ". .", "..;", "..\u0000", ".\u200b."]
 _SEP = ["/", "\\", "//", "\\\\", "/./", "\u2215", "\u2044", "\uff0f", "\uff3c", "\u29f8", "\u0000/"]
@@ -41,7 +41,7 @@ def traversal_payloads() -> list[str]:
     out: dict[str, None] = {}
 
     def add(s: str) -> None:
-        if not TASK_NAME_RE.match(s):  # a pattern-valid name is not an attack (e.g. "a..b")
+        if not is_task_name(s):  # a pattern-valid name is not an attack (e.g. "a..b")
             out.setdefault(s, None)
 
     for up in _UP + _DOTS[".."]:

@@ -151,6 +151,14 @@ async def test_admin_routes_need_the_token(engine, deltas_dir, delta_bytes, meth
         assert (await client.get("/v1/tasks")).status_code == 200
 
 
+async def test_a_name_with_a_trailing_newline_is_refused(engine, deltas_dir, delta_bytes):
+    """``$`` also matches before a final newline: the name is matched whole, so 'nl\\n' is not a task."""
+    async with serving(engine, deltas_dir) as client:
+        r = await client.put("/v1/tasks/nl%0A", content=delta_bytes("nl"))
+        assert_error(r, 400, "invalid_input", "task name")
+    assert not deltas_dir.exists() or list(deltas_dir.iterdir()) == []
+
+
 def test_open_admin_routes_only_on_loopback_unless_told(tmp_path):
     with pytest.raises(ValueError, match="admin token"):
         Settings(host="0.0.0.0")

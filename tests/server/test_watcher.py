@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 
@@ -72,6 +73,34 @@ async def test_startup_skips_bad_files_and_loads_the_rest(engine, deltas_dir, de
         async with serving(engine, deltas_dir) as client:
             assert await served(client) == {"good": v(delta_bytes("good"))}
     assert "bad.safetensors" in caplog.text
+
+
+async def test_startup_survives_files_that_break_the_parser_or_the_loader(engine, deltas_dir, delta_bytes,
+                                                                          monkeypatch, caplog):
+    """Metadata JSON nested too deep for the parser is refused like any bad file, and an unexpected
+    error while loading one file (a bug, not the file's fault) skips that file, not the server."""
+    good = delta_bytes("good")
+    write_delta(deltas_dir, "good", good)
+    n = int.from_bytes(good[:8], "little")
+    header = json.loads(good[8:8 + n])
+    header["__metadata__"].update(task="deep", metrics="[" * 50_000)
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    (deltas_dir / "deep.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + good[8 + n:])
+    write_delta(deltas_dir, "buggy", delta_bytes("buggy"))
+    sync = DeltaStore.sync
+
+    def sync_failing_on_buggy(self, engine, task):
+        if task == "buggy":
+            raise RuntimeError("simulated bug")
+        return sync(self, engine, task)
+
+    monkeypatch.setattr(DeltaStore, "sync", sync_failing_on_buggy)
+    with caplog.at_level(logging.ERROR, logger="bitfit_serve.store"):
+        async with serving(engine, deltas_dir) as client:
+            assert await served(client) == {"good": v(good)}
+    assert "deep.safetensors" in caplog.text and "metrics: not valid JSON" in caplog.text
+    assert "buggy.safetensors" in caplog.text and "simulated bug" in caplog.text
 
 
 def test_store_names(tmp_path):
