@@ -195,9 +195,11 @@ class Engine:
         ``plan`` (one forward each), so that short sequences are not padded to long ones."""
         batches = self.plan([len(e) for e in encoded], max_batch_size)
         parts = [self.forward(self.collate([encoded[i] for i in b], [rows[i] for i in b])) for b in batches]
-        logits = torch.empty(len(encoded), parts[0].shape[1]) if parts else torch.empty(0, 0)
+        # A task added between two forwards may widen the heads (C_max): pad the narrower parts.
+        width = max((part.shape[1] for part in parts), default=0)
+        logits = torch.full((len(encoded), width), float("-inf"))
         for b, part in zip(batches, parts):
-            logits[b] = part
+            logits[b, :part.shape[1]] = part
         return logits
 
     @staticmethod

@@ -98,6 +98,30 @@ def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path)
         assert engine.add_task(source, **kwargs).sha256 == sha
 
 
+def test_predict_survives_a_wider_task_added_between_its_forwards(tiny_bert_dir, monkeypatch):
+    """A 5-label task added while predict() runs widens the heads from the next forward on; the
+    parts of one predict then differ in width and must still be assembled (Python API, threads)."""
+    _, _, hf = load_hf_base(tiny_bert_dir)
+    engine = Engine.from_pretrained(tiny_bert_dir, forward_overhead_tokens=0)  # one forward per length
+    engine.add_task(random_delta(tiny_bert_dir, "a", num_labels=2, hf_base=hf))
+    items = [("a", SENTENCES[0]), ("a", SENTENCES[0] * 4)]
+    expected = engine.predict(items)
+    forward, widths = engine.forward, []
+
+    def forward_then_add(batch):
+        logits = forward(batch)
+        if not widths:  # after the first forward of the predict below
+            engine.add_task(random_delta(tiny_bert_dir, "b", num_labels=5, hf_base=hf))
+        widths.append(logits.shape[1])
+        return logits
+
+    monkeypatch.setattr(engine, "forward", forward_then_add)
+    got = engine.predict(items)
+    assert widths == [2, 5]
+    for g, e in zip(got, expected):
+        assert g.label == e.label and g.scores == pytest.approx(e.scores, abs=1e-6)
+
+
 @pytest.mark.parametrize("overhead", [0, 8, 10**6])
 def test_forward_many_equals_one_padded_forward(tiny_bert_dir, overhead):
     """Cutting mixed lengths into several forwards changes the work, never the logits or their order."""
