@@ -72,17 +72,18 @@ class TaskRegistry:
         with self._lock:
             old = self._current.get(version.task)
             self._current[version.task] = version
-            if old is not None:
-                self._retire(old.row)
-            return old
+            idle = self._retire(old.row) if old is not None else []
+        self._free(idle)
+        return old
 
     def unpublish(self, task: str) -> TaskVersion:
         with self._lock:
             old = self._current.pop(task, None)
             if old is None:
                 raise UnknownTask(f"unknown task {task!r}")
-            self._retire(old.row)
-            return old
+            idle = self._retire(old.row)
+        self._free(idle)
+        return old
 
     def acquire(self, tasks: Iterable[str]) -> list[TaskVersion]:
         """Pin the current version of each task (duplicates allowed); all-or-nothing."""
@@ -97,6 +98,7 @@ class TaskRegistry:
             return versions
 
     def release(self, versions: Iterable[TaskVersion]) -> None:
+        idle = []
         with self._lock:
             for v in versions:
                 self._in_flight[v.row] -= 1
@@ -104,11 +106,19 @@ class TaskRegistry:
                     del self._in_flight[v.row]
                     if v.row in self._retired:
                         self._retired.discard(v.row)
-                        self._free_row(v.row)
+                        idle.append(v.row)
+        self._free(idle)
 
-    def _retire(self, row: int) -> None:
+    def _retire(self, row: int) -> list[int]:
+        """Mark a row that no name points to any more; returns it if nobody holds it (free it now)."""
         if self._in_flight[row] > 0:
             self._retired.add(row)
-        else:
-            self._in_flight.pop(row, None)
+            return []
+        self._in_flight.pop(row, None)
+        return [row]
+
+    def _free(self, rows: list[int]) -> None:
+        """Return rows to the banks outside the registry lock: the banks' lock may be held for a
+        whole rebuild (growing the banks copies them), and acquire() runs on the event loop."""
+        for row in rows:
             self._free_row(row)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from bitfit_serve.errors import UnknownTask
@@ -47,3 +49,30 @@ def test_acquire_is_all_or_nothing():
         reg.acquire(["a", "b"])
     reg.unpublish("a")
     assert freed == [1], "a failed acquire must not leave a pin behind"
+
+
+def test_a_slow_free_never_blocks_acquire():
+    """Freeing a row waits for the banks' lock, which a bank rebuild holds for a whole copy; the
+    registry lock must not be held meanwhile, or every request (acquire, on the event loop) waits."""
+    freeing, finish = threading.Event(), threading.Event()
+
+    def slow_free(row: int) -> None:
+        freeing.set()
+        finish.wait(10)
+
+    reg = TaskRegistry(free_row=slow_free)
+    reg.publish(_version("t", 1))
+    pinned = reg.acquire(["t"])
+    reg.publish(_version("t", 2))  # row 1 retired, still in flight
+    releaser = threading.Thread(target=reg.release, args=(pinned,))
+    releaser.start()
+    try:
+        assert freeing.wait(10)  # the release is now inside free_row, which does not return yet
+        got = []
+        acquirer = threading.Thread(target=lambda: got.extend(reg.acquire(["t"])))
+        acquirer.start()
+        acquirer.join(10)
+        assert not finish.is_set() and [v.row for v in got] == [2]  # served while the free still waits
+    finally:
+        finish.set()
+        releaser.join()
