@@ -73,11 +73,23 @@ class BaseModel:
 
 
 def load_hf_base(path: str | Path | None = None) -> tuple[Path, PretrainedConfig, Any]:
-    """The HF base model (``AutoModel``) in fp32, as the trainer and the tests' reference use it."""
+    """The HF base model (``AutoModel``) in fp32, as the trainer and the tests' reference use it.
+
+    Every weight must come from the checkpoint: HF fills a missing one with random values, which
+    would make each load a different model with a different fingerprint. A checkpoint saved
+    without its pooler (common for RoBERTa and sentence encoders) loads without one, so that only
+    ``cls`` and ``mean`` pooling can be trained and served on it."""
     path = resolve_model_path(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     architecture_for(config.model_type)  # fail early on an unsupported architecture
-    model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32)
+    model, info = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
+                                            output_loading_info=True)
+    not_loaded = sorted({*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))})
+    if not_loaded and all(k.startswith("pooler.") for k in not_loaded):
+        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32, add_pooling_layer=False)
+    elif not_loaded:
+        raise ValueError(f"{path}: the checkpoint lacks {len(not_loaded)} weight(s) of a {config.model_type} "
+                         f"model, e.g. {not_loaded[:3]}; refusing to serve randomly initialized weights")
     return path, config, model
 
 
