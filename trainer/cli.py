@@ -131,7 +131,8 @@ def eval_command(
     d = delta_io.load(delta_path)
     if dev_file is not None:
         rows = read_records(dev_file)
-        data = from_records(d.task, rows, rows, d.inputs, label_field, d.problem_type == "regression", d.labels)
+        data = from_records(d.task, rows, rows, d.inputs, label_field, d.problem_type == "regression", d.labels,
+                            sources=(str(dev_file), str(dev_file)))
     else:
         data = load_glue(glue_task_name(d.task), _glue_dir(glue_dir))
     engine = Engine.from_pretrained(None if model == "default" else model, dtype=dtype)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -97,30 +98,61 @@ def load_glue(task: str, root: str | Path) -> TaskData:
 # ----------------------------------------------------------------------------- user data
 
 def read_records(path: Path) -> list[dict]:
-    """CSV (header row, standard quoting) or JSONL (one object per line), chosen by extension."""
+    """CSV (header row, standard quoting), TSV (header row, no quoting: a quote is text, as in
+    GLUE) or JSONL (one object per line), chosen by extension. Errors name the file and line."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
-    if suffix in (".csv", ".tsv"):
+        rows = []
+        with open(path, encoding="utf-8-sig") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except ValueError as e:
+                    raise ValueError(f"{path} line {number}: not JSON ({e}); the file must hold one JSON "
+                                     f"object per line (JSONL)") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object")
+                rows.append(row)
+    elif suffix in (".csv", ".tsv"):
+        tsv = suffix == ".tsv"
         with open(path, encoding="utf-8-sig", newline="") as f:
-            return list(csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ","))
-    raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+            reader = csv.DictReader(f, delimiter="\t" if tsv else ",",
+                                    quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
+            rows = []
+            for row in reader:
+                if None in row or None in row.values():  # more / fewer fields than the header
+                    raise ValueError(f"{path} line {reader.line_num}: {len(reader.fieldnames or [])} fields in the "
+                                     f"header, a different number in this row")
+                rows.append(row)
+    else:
+        raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
+    if not rows:
+        raise ValueError(f"{path}: no rows")
+    return rows
 
 
 def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fields: Sequence[str],
                  label_field: str, regression: bool = False,
-                 labels: Sequence[str] | None = None) -> TaskData:
+                 labels: Sequence[str] | None = None, sources: tuple[str, str] = ("train", "dev")) -> TaskData:
     """Build a task from row dicts. Class names are ``labels`` if given, else the sorted distinct
-    training labels (so class ids do not depend on row order)."""
+    training labels (so class ids do not depend on row order). Missing or empty texts and labels,
+    and regression targets that are not finite numbers, are refused before any training, naming
+    the row (``sources``: what to call the two splits in messages, e.g. their files)."""
     text_fields = tuple(text_fields)
     if len(text_fields) not in (1, 2):
         raise ValueError(f"text fields: give one or two, got {list(text_fields)}")
-    for split_name, rows in (("train", train), ("dev", dev)):
+    for source, rows in zip(sources, (train, dev)):
+        if not rows:
+            raise ValueError(f"{source}: no rows")
         for i, row in enumerate(rows):
             missing = [f for f in (*text_fields, label_field) if f not in row]
             if missing:
-                raise ValueError(f"{split_name} row {i + 1}: missing field(s) {missing}")
+                raise ValueError(f"{source} row {i + 1}: missing field(s) {missing}")
+            empty = [f for f in (*text_fields, label_field) if row[f] is None or str(row[f]).strip() == ""]
+            if empty:
+                raise ValueError(f"{source} row {i + 1}: empty value in field(s) {empty}")
     if regression:
         classes: tuple[str, ...] = ("score",)
     else:
@@ -128,28 +160,33 @@ def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fie
         if len(classes) < 2:
             raise ValueError(f"label field {label_field!r}: need at least two classes, got {list(classes)}")
 
-    def convert(rows: Sequence[dict], split_name: str) -> tuple[Example, ...]:
+    def convert(rows: Sequence[dict], source: str) -> tuple[Example, ...]:
         out = []
         for i, row in enumerate(rows):
             raw = row[label_field]
             if regression:
-                label: int | float = float(raw)
+                try:
+                    label: int | float = float(raw)
+                except (TypeError, ValueError):
+                    label = math.nan
+                if not math.isfinite(label):
+                    raise ValueError(f"{source} row {i + 1}: regression target {raw!r} is not a finite number")
             elif str(raw) in classes:
                 label = classes.index(str(raw))
             else:
-                raise ValueError(f"{split_name} row {i + 1}: label {raw!r} is not one of {list(classes)}")
+                raise ValueError(f"{source} row {i + 1}: label {raw!r} is not one of {list(classes)}")
             out.append(Example(tuple(str(row[f]) for f in text_fields), label))
         return tuple(out)
 
     problem = REGRESSION if regression else CLASSIFICATION
     metric = "spearman" if regression else "accuracy"
-    return TaskData(name, text_fields, classes, problem, metric, convert(train, "train"), convert(dev, "dev"))
+    return TaskData(name, text_fields, classes, problem, metric, convert(train, sources[0]), convert(dev, sources[1]))
 
 
 def load_files(name: str, train_path: str | Path, dev_path: str | Path, text_fields: Sequence[str],
                label_field: str, regression: bool = False, labels: Sequence[str] | None = None) -> TaskData:
     return from_records(name, read_records(Path(train_path)), read_records(Path(dev_path)),
-                        text_fields, label_field, regression, labels)
+                        text_fields, label_field, regression, labels, sources=(str(train_path), str(dev_path)))
 
 
 def load_hf_folder(name: str, path: str | Path, text_fields: Sequence[str], label_field: str,

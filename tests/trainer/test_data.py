@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -76,6 +77,45 @@ def test_user_csv_and_jsonl(tmp_path):
         from_records("x", [{"t": "a", "y": "p"}, {"t": "b", "y": "n"}], [{"t": "c", "y": "z"}], ["t"], "y")
     with pytest.raises(ValueError, match="missing field"):
         from_records("x", [{"t": "a"}], [], ["t"], "y")
+
+
+def test_user_tsv_keeps_quotes_as_text_and_rows_apart(tmp_path):
+    # With CSV quoting, the quote opening this text would swallow the tab, the newline and the next row.
+    (tmp_path / "train.tsv").write_text('text\tlabel\n"so-called" film\tpos\n"bad\tneg\nok\tpos\n')
+    data = load_files("q", tmp_path / "train.tsv", tmp_path / "train.tsv", ["text"], "label")
+    assert [e.texts[0] for e in data.train] == ['"so-called" film', '"bad', "ok"]
+    assert [data.labels[e.label] for e in data.train] == ["pos", "neg", "pos"]
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("short.csv", "text,label\ngood film,pos\nbad film\nok film,neg\n", "line 3: 2 fields in the header"),
+    ("long.tsv", "text\tlabel\ngood\tpos\textra\n", "line 2: 2 fields in the header"),
+    ("header_only.csv", "text,label\n", "no rows"),
+    ("broken.jsonl", '{"text": "a", "label": "pos"}\n{"text": "b",\n', "line 2: not JSON"),
+    ("array.jsonl", '[{"text": "a", "label": "pos"}]\n', "line 1: a JSON list, not an object"),
+    ("null.jsonl", '{"text": null, "label": "pos"}\n{"text": "b", "label": "neg"}\n',
+     "row 1: empty value in field(s) ['text']"),
+    ("empty_label.csv", "text,label\na,pos\nb,\nc,neg\n", "row 2: empty value in field(s) ['label']"),
+])
+def test_bad_user_files_are_refused_before_training_naming_file_and_row(tmp_path, name, content, message):
+    (tmp_path / name).write_text(content)
+    with pytest.raises(ValueError, match=re.escape(message)) as raised:
+        load_files("x", tmp_path / name, tmp_path / name, ["text"], "label")
+    assert name in str(raised.value)
+
+
+def test_jsonl_with_a_byte_order_mark_reads(tmp_path):
+    (tmp_path / "bom.jsonl").write_text('\ufeff{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n',
+                                        encoding="utf-8")
+    data = load_files("x", tmp_path / "bom.jsonl", tmp_path / "bom.jsonl", ["text"], "label")
+    assert [e.texts for e in data.train] == [("a",), ("b",)]
+
+
+@pytest.mark.parametrize("target", ["", "high", "nan", "inf", None])
+def test_regression_targets_must_be_finite_numbers(target):
+    rows = [{"a": "x", "s": "1.5"}, {"a": "y", "s": target}]
+    with pytest.raises(ValueError, match="row 2"):
+        from_records("sim", rows, rows[:1], ["a"], "s", regression=True)
 
 
 def test_user_pairs_regression():

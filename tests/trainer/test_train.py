@@ -1,5 +1,6 @@
 """End-to-end on tiny random checkpoints: train a few steps, export, serve, compare at 1e-5."""
 
+import csv
 import json
 
 import pytest
@@ -181,7 +182,8 @@ def test_linear_schedule_and_interrupt_leave_no_delta(tiny_bert_dir, tmp_path, m
 
 
 def _write_csv(path, data):
-    path.write_text("text,label\n" + "".join(f"{e.texts[0]},{data.labels[e.label]}\n" for e in data.train))
+    with open(path, "w", newline="") as f:  # csv quotes the texts that hold commas
+        csv.writer(f).writerows([("text", "label"), *((e.texts[0], data.labels[e.label]) for e in data.train)])
 
 
 def test_cli_train_and_eval(tiny_bert_dir, tmp_path):
