@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import platform
 import random
@@ -456,10 +457,11 @@ def paired_ratio(reference: Sequence[float], variant: Sequence[float]) -> float:
 
 
 def percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (q in [0, 100]) of raw values, no interpolation."""
+    """Nearest-rank percentile (q in [0, 100]) of raw values, no interpolation: the smallest value
+    with at least q% of the values at or below it (of 100 values, p99 is the 99th, not the max)."""
     ordered = sorted(values)
-    k = max(0, min(len(ordered) - 1, int(round(q / 100 * len(ordered) + 0.5)) - 1))
-    return ordered[k]
+    rank = math.ceil(q / 100 * len(ordered))
+    return ordered[min(len(ordered), max(1, rank)) - 1]
 
 
 def stats(values: Sequence[float]) -> dict:

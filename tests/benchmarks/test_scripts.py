@@ -73,6 +73,13 @@ def test_hot_add_open_loop_load_records_how_busy_the_server_was(tiny_bert_dir, g
                                                             "after_100ms_busy_wait"}
 
 
+def test_percentile_is_nearest_rank():
+    values = list(range(100, 0, -1))  # 1..100, unsorted
+    assert [common.percentile(values, q) for q in (0, 1, 50, 99, 100)] == [1, 1, 50, 99, 100]
+    assert common.percentile(list(range(1, 51)), 50) == 25 and common.percentile([7.0], 99) == 7.0
+    assert common.percentile([1, 2, 3], 50) == 2
+
+
 def test_forward_activity_is_the_difference_of_two_scrapes():
     names = common.FORWARD_COUNTERS  # seconds, passes, sequences
     before = dict(zip(names, (1.0, 10, 30)))
