@@ -65,7 +65,7 @@ def main() -> None:
         times = common.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
         case = {"batch_shapes": [x.shape for x in batches], **common.summarize_variants(times, cpu, b)}
         for v in times:
-            case[v]["distinct_tasks_per_batch"] = 1 if v.startswith("1") else min(int(v), b)
+            case[v]["distinct_tasks_per_batch"] = 1 if v in ("1", "1_gather") else min(int(v), b)
             case[v]["ratio_vs_one_task"] = case[v]["seq_per_s"] / case["1"]["seq_per_s"]
             case[v]["cpu_ratio_vs_one_task"] = case["1"]["cpu_median_s"] / case[v]["cpu_median_s"]
             case[v]["paired_ratio_vs_one_task"] = common.paired_ratio(times["1"], times[v])

@@ -6,19 +6,19 @@
 
 Baseline ``swap``: one ``AutoModelForSequenceClassification``; a batch holding k tasks is split
 into its k task groups; for each group the task's BitFit values and head are copied into the
-model's parameters, then the group runs (trimmed to its own longest sequence, which only helps
-the baseline). ``engine``: the batch as the server runs it (``Engine.forward_many``: one bank row
-per sequence, tasks mixed; sequences of very different lengths cut into length groups where
-padding costs more than another forward). ``hf_one_task`` (one model, the whole batch, no
-swapping) is the single-task ceiling both are compared with. All interleaved round-robin on the
-same batches, for k = 1, 2, 4, 8, 16, 32 (batch 32) and k = 64 (batch 64), on two input sets:
+model's parameters, then the group runs. ``engine``: the batch as the server runs it
+(``Engine.forward_many``: one bank row per sequence, tasks mixed). ``hf_one_task`` (one model, the
+whole batch, no swapping) is the single-task reference. Every variant gets the same length
+planning (``Engine.plan``: sequences of very different lengths cut into length groups where
+padding costs more than another forward, each group trimmed to its own longest sequence): the
+engine over the whole batch, ``swap`` within each task group, ``hf_one_task`` over the whole
+batch; so the ratios measure mixing against swapping, not padding. All interleaved round-robin
+on the same batches, for k = 1, 2, 4, 8, 16, 32 (batch 32) and k = 64 (batch 64), on two input sets:
 
 * ``packed``: sequences of exactly 128 tokens of real text (SST-2 sentences joined), so no
   sequence is padded and the comparison is the cost of mixing alone (the headline figure);
-* ``glue``: GLUE dev inputs at their real length mix. Here the swap baseline also pads each task
-  group only to its own longest sequence, and a batch of 1-sequence groups is not padded at all.
-  ``engine_one_forward`` (the whole padded batch in one forward, no length groups) shows what the
-  engine's length planning is worth on these inputs.
+* ``glue``: GLUE dev inputs at their real length mix. ``engine_one_forward`` (the whole padded
+  batch in one forward, no length groups) shows what length planning is worth on these inputs.
 """
 
 from __future__ import annotations
@@ -62,24 +62,31 @@ def main() -> None:
                  (hf.classifier.bias, d.head_bias.to(args.device, dtype))] for d in deltas]
     pad_id = engine.base.config.pad_token_id
 
+    def run_planned(batch: common.Batch, idx: list[int], out: torch.Tensor) -> None:
+        """HF on the rows ``idx`` of the batch, cut into length groups the way the engine cuts its
+        batches (``Engine.plan``), each trimmed to its own longest sequence."""
+        for group in engine.plan([batch.lengths[i] for i in idx], max_batch_size=len(idx)):
+            members = [idx[j] for j in group]
+            width = max(batch.lengths[i] for i in members)
+            sel = torch.tensor(members, device=batch.input_ids.device)
+            logits = hf(input_ids=batch.input_ids[sel, :width], attention_mask=batch.attention_mask[sel, :width],
+                        token_type_ids=batch.token_type_ids[sel, :width]).logits
+            out[members] = logits.float().cpu()
+
     @torch.inference_mode()
     def run_swap(batch: common.Batch, tasks: list[int]) -> torch.Tensor:
         out = torch.empty(batch.shape[0], factory.num_labels)
         for t in sorted(set(tasks)):
             for param, value in staged[t]:
                 param.copy_(value)
-            idx = [i for i, x in enumerate(tasks) if x == t]
-            width = max(batch.lengths[i] for i in idx)
-            sel = torch.tensor(idx, device=batch.input_ids.device)
-            logits = hf(input_ids=batch.input_ids[sel, :width], attention_mask=batch.attention_mask[sel, :width],
-                        token_type_ids=batch.token_type_ids[sel, :width]).logits
-            out[idx] = logits.float().cpu()
+            run_planned(batch, [i for i, x in enumerate(tasks) if x == t], out)
         return out
 
     @torch.inference_mode()
     def run_hf(batch: common.Batch) -> torch.Tensor:
-        return hf(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                  token_type_ids=batch.token_type_ids).logits.float().cpu()
+        out = torch.empty(batch.shape[0], factory.num_labels)
+        run_planned(batch, list(range(batch.shape[0])), out)
+        return out
 
     def run_engine_one_forward(batch: common.Batch, tasks: list[int]) -> torch.Tensor:
         return engine.forward(common.engine_batch(engine, batch, [rows[t] for t in tasks]))
