@@ -13,7 +13,8 @@ planning (``Engine.plan``: sequences of very different lengths cut into length g
 padding costs more than another forward, each group trimmed to its own longest sequence): the
 engine over the whole batch, ``swap`` within each task group, ``hf_one_task`` over the whole
 batch; so the ratios measure mixing against swapping, not padding. All interleaved round-robin
-on the same batches, for k = 1, 2, 4, 8, 16, 32 (batch 32) and k = 64 (batch 64), on two input sets:
+on the same batches, on two input sets (``--cases`` / ``--glue-cases``): k = 1, 2, 4, 8, 16, 32 (batch
+32) and 64 (batch 64) on ``packed``, and k = 1, 4, 32 (batch 32) and 64 (batch 64) on ``glue``:
 
 * ``packed``: sequences of exactly 128 tokens of real text (SST-2 sentences joined), so no
   sequence is padded and the comparison is the cost of mixing alone (the headline figure);

@@ -151,10 +151,22 @@ def _check_fields(d: Delta) -> None:
 # ----------------------------------------------------------------------------- serialization
 
 def to_bytes(delta: Delta) -> bytes:
+    """The delta as a safetensors file, byte for byte the same for the same delta: its version is
+    the sha256 of these bytes, so an identical upload or re-save must not become a new version."""
     tensors = {name: t.detach().to(torch.float32).contiguous() for name, t in delta.sites.items()}
     tensors[HEAD_WEIGHT] = delta.head_weight.detach().contiguous()
     tensors[HEAD_BIAS] = delta.head_bias.detach().contiguous()
-    return st_save(tensors, metadata=delta.metadata())
+    return _sorted_header(st_save(tensors, metadata=delta.metadata()))
+
+
+def _sorted_header(data: bytes) -> bytes:
+    """safetensors writes its header's keys in hash-map order, which changes from call to call;
+    rewrite the header with sorted keys (space-padded to 8 bytes, as the format asks). The tensor
+    data after it, and the offsets into it, are unchanged."""
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.dumps(json.loads(data[8:8 + n]), sort_keys=True, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    return struct.pack("<Q", len(header)) + header + data[8 + n:]
 
 
 def save(delta: Delta, path: str | os.PathLike) -> Path:

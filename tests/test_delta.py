@@ -47,6 +47,13 @@ def test_round_trip_preserves_everything(good, tmp_path):
     assert not list(tmp_path.glob(".tmp-*")), "atomic save must leave no temp file"
 
 
+def test_serialization_is_byte_for_byte_repeatable(good):
+    # The version is the sha256 of these bytes: the same delta must never make two versions.
+    data = delta_io.to_bytes(good)
+    assert all(delta_io.to_bytes(good) == data for _ in range(5))
+    assert delta_io.to_bytes(delta_io.from_bytes(data)) == data
+
+
 def test_save_is_atomic_when_serialization_fails(good, tmp_path, monkeypatch):
     target = tmp_path / "t.safetensors"
     delta_io.save(good, target)

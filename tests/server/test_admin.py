@@ -59,6 +59,10 @@ async def test_url_name_wins_and_the_stored_copy_is_renamed(engine, deltas_dir, 
     stored = (deltas_dir / "sst2-copy.safetensors").read_bytes()
     assert delta_io.from_bytes(stored).task == "sst2-copy"
     assert r.json()["version"] == version_of(stored)
+    # The same upload again is the same version: the renamed copy is serialized the same each time.
+    async with serving(engine, deltas_dir) as client:
+        r = await client.put("/v1/tasks/sst2-copy", content=delta_bytes("sst2"))
+        assert r.status_code == 200 and r.json()["version"] == r.json()["replaced"] == version_of(stored)
 
 
 async def test_replace_then_delete(engine, deltas_dir, delta_bytes):
