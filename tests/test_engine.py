@@ -77,9 +77,12 @@ def test_truncates_to_task_max_length(tiny_bert_dir):
 def test_reports_bank_bytes(tiny_bert_dir):
     _, _, hf = load_hf_base(tiny_bert_dir)
     engine = Engine.from_pretrained(tiny_bert_dir, initial_capacity=4)
-    assert engine.bank_bytes > 0
-    engine.add_task(random_delta(tiny_bert_dir, "t", sites="biases", hf_base=hf))
-    assert engine.bytes_per_task * engine.banks.capacity == engine.bank_bytes
+    d = random_delta(tiny_bert_dir, "t", sites="biases", num_labels=2, hf_base=hf)
+    engine.add_task(d)
+    # per row: every bias the task trains (fp32), its 2 x H head and 2 biases, label count, pooling code
+    values = sum(t.numel() for t in d.sites.values()) + 2 * hf.config.hidden_size + 2
+    assert engine.bytes_per_task == values * 4 + 8 + 8
+    assert engine.bank_bytes == engine.banks.capacity * engine.bytes_per_task
 
 
 def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path):

@@ -54,6 +54,11 @@ def test_script_runs_quick(name, tiny_bert_dir, glue_dir, tmp_path, monkeypatch)
     assert f"python -m benchmarks.{name} --quick" in record["command"]
     assert set(record["load_average_1min"]) == {"before", "after"}
     assert (tmp_path / f"{name}.png").stat().st_size > 0
+    # Where a script compares the engine with a model doing the same work, the logits must agree.
+    diffs = [record.get("max_abs_logit_diff")] + [c.get("max_abs_logit_diff_engine_vs_swap")
+                                                 for c in record.get("cases", {}).values() if isinstance(c, dict)]
+    assert all(diff <= 1e-5 for diff in diffs if diff is not None)
+    assert name not in ("vs_hf", "vs_swap") or any(diff is not None for diff in diffs)
 
 
 def test_hot_add_open_loop_load_records_how_busy_the_server_was(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):

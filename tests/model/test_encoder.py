@@ -91,6 +91,22 @@ def test_mixed_batch_of_alike_tasks_equals_hf_per_task(tiny_model_dir, pooling):
     _check_mixed_batch(tiny_model_dir, deltas, Engine.from_pretrained(tiny_model_dir))
 
 
+@pytest.mark.parametrize("kind", ["gammas", "query_and_mlp_biases"])
+def test_mixed_batch_with_shared_and_per_task_sites_equals_hf(tiny_model_dir, kind):
+    """No task here trains every site, so in a batch some values are per row and others shared:
+    a per-task LayerNorm gamma with the base beta, or a per-task query bias next to the shared
+    key and value biases of the fused QKV."""
+    _, _, hf_base = load_hf_base(tiny_model_dir)
+    per_task = {"gammas": ["gammas", "gammas", "gammas"],
+                "query_and_mlp_biases": [["encoder.layer.0.attention.self.query.bias"],
+                                         ["encoder.layer.0.attention.self.query.bias",
+                                          "encoder.layer.1.intermediate.dense.bias"],
+                                         ["encoder.layer.1.attention.self.query.bias"]]}[kind]
+    deltas = [random_delta(tiny_model_dir, f"{kind}{i}", sites=sites, num_labels=2, pooling="mean",
+                           seed=20 + i, hf_base=hf_base) for i, sites in enumerate(per_task)]
+    _check_mixed_batch(tiny_model_dir, deltas, Engine.from_pretrained(tiny_model_dir))
+
+
 def test_single_task_batch_uses_fused_path_and_matches(tiny_model_dir):
     _, _, hf_base = load_hf_base(tiny_model_dir)
     engine = Engine.from_pretrained(tiny_model_dir)
@@ -142,16 +158,19 @@ def test_real_minilm_mixed_batch_equals_hf():
     _check_mixed_batch(model_dir, deltas, engine, rows_per_task=2)
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_engine_runs_and_stays_close(tiny_bert_dir, dtype):
-    """GPU dtypes are selectable; on CPU they run too and stay near the fp32 reference."""
+@pytest.mark.parametrize("dtype,atol", [("bfloat16", 3e-2), ("float16", 3e-3)])
+def test_half_precision_engine_runs_and_stays_close(tiny_bert_dir, dtype, atol):
+    """GPU dtypes are selectable; on CPU they run too and stay near the fp32 reference (tolerance:
+    about 1.5x the measured error), each row nearer its own input's reference than any other's."""
     _, _, hf_base = load_hf_base(tiny_bert_dir)
     engine = Engine.from_pretrained(tiny_bert_dir, dtype=dtype)
     assert all(t.dtype == getattr(torch, dtype) for t in engine.base.weights.values())
-    d = random_delta(tiny_bert_dir, "half", sites="all", num_labels=3, pooling="pooler", hf_base=hf_base)
+    d = random_delta(tiny_bert_dir, "half", sites="all", num_labels=3, pooling="mean", hf_base=hf_base)
     v = engine.add_task(d)
     assert engine.banks.view().head_weight.dtype == getattr(torch, dtype)
     batch = engine.collate(engine.tokenize(v, SENTENCES[:4]), [v.row, 0, v.row, v.row])
     logits = engine.forward(batch)[[0, 2, 3], :3]
     expected = reference_logits(tiny_bert_dir, d, [SENTENCES[0], SENTENCES[2], SENTENCES[3]])
-    torch.testing.assert_close(logits, expected, atol=0.1, rtol=0.05)
+    torch.testing.assert_close(logits, expected, atol=atol, rtol=0)
+    distance = torch.cdist(logits.float(), expected)  # [row, reference]
+    assert torch.equal(distance.argmin(dim=1), torch.arange(3)), distance
