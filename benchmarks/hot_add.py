@@ -19,7 +19,7 @@ POST a prediction to the new task; retried until it answers 200 (every non-200 c
   this includes waiting for the forward pass already running for the load generator;
 * ``load_request_ms``: the load generator's own request latency, what any request waits on the
   busy server: a new task's first prediction (after its upload answered) cannot beat it;
-* ``server``: from the server's /metrics over the adds: forward passes, their mean time and
+* ``server_during_adds``: from the server's /metrics over the adds: forward passes, their mean time and
   size, and the share of the wall time the model was busy.
 Failed requests are counted for the load generator and the new tasks separately (target: 0).
 Then, in this process and without load, the median cost of each step of an upload (the whole
@@ -84,7 +84,7 @@ async def run(url: str, uploads: list[tuple[str, bytes]], resident: list[str], s
     def count(status: str) -> None:
         new["statuses"][status] = new["statuses"].get(status, 0) + 1
 
-    async def adder(http: httpx.AsyncClient) -> tuple[dict, dict, float]:
+    async def adder(http: httpx.AsyncClient) -> dict:
         await asyncio.sleep(1.0)  # the load generator is running first
         before, began = await asyncio.to_thread(scrape), time.perf_counter()
         for task, data in uploads:
