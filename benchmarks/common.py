@@ -593,7 +593,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise SystemExit(f"server exited with {self.proc.returncode}: {' '.join(self.command)}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200:
+                if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200 and self._listens():
                     break
             except httpx.HTTPError:
                 pass
@@ -601,6 +601,18 @@ class Server:
                 self.stop()
                 raise SystemExit(f"server not ready after {timeout_s:.0f} s: {' '.join(self.command)}")
             time.sleep(0.2)
+
+    def _listens(self) -> bool:
+        """Whether our process holds the port. The port was free when picked, but another process
+        may have bound it since: its /ready must not pass for ours (our server then fails to bind
+        and exits, which the loop above reports)."""
+        import psutil
+
+        try:
+            sockets = psutil.Process(self.proc.pid).net_connections(kind="tcp")
+        except psutil.Error:
+            return False
+        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in sockets)
 
     def metric(self, name: str) -> float:
         """One unlabelled sample of the server's /metrics, e.g. bitfit_forward_duration_seconds_sum."""

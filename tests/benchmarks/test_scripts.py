@@ -78,6 +78,31 @@ def test_hot_add_open_loop_load_records_how_busy_the_server_was(tiny_bert_dir, g
                                                             "after_100ms_busy_wait"}
 
 
+def test_server_is_not_fooled_by_another_process_on_its_port(tiny_bert_dir, tmp_path, monkeypatch):
+    """The port is picked free, then bound later; if another process takes it in between, its
+    /ready must not pass for the benchmark's server (whose bind then fails)."""
+    import http.server
+    import threading
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=other.serve_forever, daemon=True).start()
+    monkeypatch.setattr(common, "free_port", lambda: other.server_address[1])
+    try:
+        with pytest.raises(SystemExit, match="server exited"):
+            common.Server(tiny_bert_dir, tmp_path / "deltas", timeout_s=120)
+    finally:
+        other.shutdown()
+
+
 def test_percentile_is_nearest_rank():
     values = list(range(100, 0, -1))  # 1..100, unsorted
     assert [common.percentile(values, q) for q in (0, 1, 50, 99, 100)] == [1, 1, 50, 99, 100]
