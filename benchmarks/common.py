@@ -545,6 +545,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def listens(pid: int, port: int) -> bool:
+    """Whether process ``pid`` listens on ``port``. A port picked free may be taken by another
+    process before the server binds it: that process's /ready must not pass for the server's
+    (whose bind then fails and it exits)."""
+    import psutil
+
+    try:
+        process = psutil.Process(pid)
+        connections = getattr(process, "net_connections", None) or process.connections  # psutil < 6
+        sockets = connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in sockets)
+
+
 def write_task_files(factory: DeltaFactory, folder: Path, names: Sequence[str], pair_every: int = 2) -> dict[str, bool]:
     """One delta file per task in a server's deltas folder; every ``pair_every``-th task takes
     sentence pairs (like MRPC/RTE), the others single sentences. Returns task -> is a pair task."""
@@ -593,7 +608,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise SystemExit(f"server exited with {self.proc.returncode}: {' '.join(self.command)}")
             try:
-                if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200 and self._listens():
+                if httpx.get(self.url + "/ready", timeout=2.0).status_code == 200 and listens(self.proc.pid, self.port):
                     break
             except httpx.HTTPError:
                 pass
@@ -601,18 +616,6 @@ class Server:
                 self.stop()
                 raise SystemExit(f"server not ready after {timeout_s:.0f} s: {' '.join(self.command)}")
             time.sleep(0.2)
-
-    def _listens(self) -> bool:
-        """Whether our process holds the port. The port was free when picked, but another process
-        may have bound it since: its /ready must not pass for ours (our server then fails to bind
-        and exits, which the loop above reports)."""
-        import psutil
-
-        try:
-            sockets = psutil.Process(self.proc.pid).net_connections(kind="tcp")
-        except psutil.Error:
-            return False
-        return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == self.port for c in sockets)
 
     def metric(self, name: str) -> float:
         """One unlabelled sample of the server's /metrics, e.g. bitfit_forward_duration_seconds_sum."""

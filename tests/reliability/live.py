@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,14 +20,10 @@ from pathlib import Path
 
 import httpx
 
+from benchmarks.common import free_port, listens
+
 REPO = Path(__file__).resolve().parents[2]
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Zygote:
@@ -113,7 +108,7 @@ class LiveServer:
             if not self.alive:
                 raise RuntimeError(f"server exited:\n{self.log_tail()}")
             try:
-                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200:
+                if httpx.get(f"{self.url}/ready", timeout=2.0).status_code == 200 and listens(self.pid, self.port):
                     return
             except httpx.HTTPError:
                 pass

@@ -5,20 +5,14 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from benchmarks.common import free_port, listens
 from tests.server.conftest import write_delta
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_process(tiny_bert_dir, tmp_path, delta_bytes):
@@ -37,7 +31,7 @@ def test_serve_process(tiny_bert_dir, tmp_path, delta_bytes):
         while True:
             assert proc.poll() is None, proc.stdout.read()
             try:
-                if httpx.get(f"{base}/ready", timeout=1).status_code == 200:
+                if httpx.get(f"{base}/ready", timeout=1).status_code == 200 and listens(proc.pid, port):
                     break
             except httpx.TransportError:
                 pass
