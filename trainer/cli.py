@@ -38,13 +38,18 @@ def _set_threads(threads: Optional[int]) -> None:
         torch.set_num_threads(threads)
 
 
+TSV_QUOTING_HELP = ("TSV files: none = quotes are text (GLUE), csv = fields quoted as pandas writes them, "
+                    "auto = whichever reading is consistent; ambiguous files are refused")
+
+
 def _glue_dir(value: Optional[Path]) -> Path:
     return value if value is not None else Path(os.environ.get("GLUE_DIR", "../shared/data/glue"))
 
 
 def _load_data(task: Optional[str], glue_dir: Optional[Path], train_file: Optional[Path],
                dev_file: Optional[Path], hf_dataset: Optional[Path], name: Optional[str],
-               text_field: List[str], label_field: str, regression: bool, labels: List[str]) -> TaskData:
+               text_field: List[str], label_field: str, regression: bool, labels: List[str],
+               tsv_quoting: str) -> TaskData:
     if task:
         return load_glue(task, _glue_dir(glue_dir))
     if not name:
@@ -55,7 +60,7 @@ def _load_data(task: Optional[str], glue_dir: Optional[Path], train_file: Option
         return load_hf_folder(name, hf_dataset, text_field, label_field, regression)
     if train_file is None or dev_file is None:
         raise typer.BadParameter("give --task, or --train-file and --dev-file, or --hf-dataset")
-    return load_files(name, train_file, dev_file, text_field, label_field, regression, labels or None)
+    return load_files(name, train_file, dev_file, text_field, label_field, regression, labels or None, tsv_quoting)
 
 
 @app.command()
@@ -84,6 +89,7 @@ def train(
     label_field: str = typer.Option("label", help="label column"),
     regression: bool = typer.Option(False, help="the label is a number (MSE, one output)"),
     labels: List[str] = typer.Option([], "--label", help="class names in class-id order (default: sorted)"),
+    tsv_quoting: str = typer.Option("auto", help=TSV_QUOTING_HELP),
     progress: bool = typer.Option(True, help="progress bars"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
@@ -96,7 +102,7 @@ def train(
     if scheme not in schemes.SCHEMES:
         raise typer.BadParameter(f"unknown scheme {scheme!r}; choose one of {', '.join(schemes.SCHEMES)}")
     data = _load_data(task, glue_dir, train_file, dev_file, hf_dataset, name, text_field, label_field,
-                      regression, labels)
+                      regression, labels, tsv_quoting)
     data = subsample(data, max_train_examples, seed)
     args = TrainArgs(scheme=scheme, pooling=pooling, lr=lr if lr is not None else default_lr(data.name, scheme),
                      epochs=epochs, batch_size=batch_size, max_length=max_length, schedule=schedule,
@@ -117,6 +123,7 @@ def eval_command(
     glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
     dev_file: Optional[Path] = typer.Option(None, help="dev file for a non-GLUE task (CSV/TSV/JSONL)"),
     label_field: str = typer.Option("label"),
+    tsv_quoting: str = typer.Option("auto", help=TSV_QUOTING_HELP),
     dtype: str = typer.Option("float32", help="serving dtype: float32, bfloat16 or float16 (what "
                                               "bitfit-serve serve --dtype would serve it in)"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
@@ -130,7 +137,7 @@ def eval_command(
 
     d = delta_io.load(delta_path)
     if dev_file is not None:
-        rows = read_records(dev_file)
+        rows = read_records(dev_file, tsv_quoting)
         data = from_records(d.task, rows, rows, d.inputs, label_field, d.problem_type == "regression", d.labels,
                             sources=(str(dev_file), str(dev_file)))
     else:

@@ -97,40 +97,81 @@ def load_glue(task: str, root: str | Path) -> TaskData:
 
 # ----------------------------------------------------------------------------- user data
 
-def read_records(path: Path) -> list[dict]:
-    """CSV (header row, standard quoting), TSV (header row, no quoting: a quote is text, as in
-    GLUE) or JSONL (one object per line), chosen by extension. Errors name the file and line."""
+TSV_QUOTING = ("auto", "none", "csv")
+
+
+def read_records(path: Path, tsv_quoting: str = "auto") -> list[dict]:
+    """CSV (header row, standard quoting), TSV (header row) or JSONL (one object per line), chosen
+    by extension. Errors name the file and line.
+
+    TSV has two conventions: quotes are text (GLUE: ``QUOTE_NONE``, ``tsv_quoting="none"``), or
+    fields are quoted as pandas and ``csv.writer`` write them (``"csv"``). ``"auto"`` reads both
+    ways and uses the one reading when they agree or only one is a consistent table; when both
+    are and they differ, it refuses, naming the first difference, rather than guess."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        rows = []
-        with open(path, encoding="utf-8-sig") as f:
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except ValueError as e:
-                    raise ValueError(f"{path} line {number}: not JSON ({e}); the file must hold one JSON "
-                                     f"object per line (JSONL)") from None
-                if not isinstance(row, dict):
-                    raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object")
-                rows.append(row)
-    elif suffix in (".csv", ".tsv"):
-        tsv = suffix == ".tsv"
-        with open(path, encoding="utf-8-sig", newline="") as f:
-            reader = csv.DictReader(f, delimiter="\t" if tsv else ",",
-                                    quoting=csv.QUOTE_NONE if tsv else csv.QUOTE_MINIMAL)
-            rows = []
-            for row in reader:
-                if None in row or None in row.values():  # more / fewer fields than the header
-                    raise ValueError(f"{path} line {reader.line_num}: {len(reader.fieldnames or [])} fields in the "
-                                     f"header, a different number in this row")
-                rows.append(row)
+        rows = _read_jsonl(path)
+    elif suffix == ".csv":
+        rows = _read_table(path, ",", csv.QUOTE_MINIMAL)
+    elif suffix == ".tsv":
+        if tsv_quoting not in TSV_QUOTING:
+            raise ValueError(f"tsv_quoting: {tsv_quoting!r} is not one of {TSV_QUOTING}")
+        rows = _read_tsv(path, tsv_quoting)
     else:
         raise ValueError(f"{path}: unsupported file type {suffix!r} (use .csv, .tsv or .jsonl)")
     if not rows:
         raise ValueError(f"{path}: no rows")
     return rows
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    rows = []
+    with open(path, encoding="utf-8-sig") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as e:
+                raise ValueError(f"{path} line {number}: not JSON ({e}); the file must hold one JSON "
+                                 f"object per line (JSONL)") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path} line {number}: a JSON {type(row).__name__}, not an object")
+            rows.append(row)
+    return rows
+
+
+def _read_table(path: Path, delimiter: str, quoting: int) -> list[dict]:
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():  # more / fewer fields than the header
+                raise ValueError(f"{path} line {reader.line_num}: {len(reader.fieldnames or [])} fields in the "
+                                 f"header, a different number in this row")
+            rows.append(row)
+    return rows
+
+
+def _read_tsv(path: Path, tsv_quoting: str) -> list[dict]:
+    if tsv_quoting != "auto":
+        return _read_table(path, "\t", csv.QUOTE_NONE if tsv_quoting == "none" else csv.QUOTE_MINIMAL)
+    readings, errors = [], []
+    for quoting in (csv.QUOTE_NONE, csv.QUOTE_MINIMAL):
+        try:
+            readings.append(_read_table(path, "\t", quoting))
+        except ValueError as e:
+            errors.append(e)
+    if not readings:
+        raise errors[0]
+    if len(readings) == 1 or readings[0] == readings[1]:
+        return readings[0]
+    plain, quoted = readings
+    row = next((i for i, (a, b) in enumerate(zip(plain, quoted)) if a != b), min(len(plain), len(quoted)))
+    seen = plain[row] if row < len(plain) else "(no row)"
+    raise ValueError(f"{path}: reads differently with quotes as text ({len(plain)} rows) and as CSV quoting "
+                     f"({len(quoted)} rows); first difference at row {row + 1}: {seen!r}. Say which: "
+                     f"--tsv-quoting none (quotes are text, as in GLUE) or csv (quoted as pandas writes TSV)")
 
 
 def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fields: Sequence[str],
@@ -184,8 +225,9 @@ def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fie
 
 
 def load_files(name: str, train_path: str | Path, dev_path: str | Path, text_fields: Sequence[str],
-               label_field: str, regression: bool = False, labels: Sequence[str] | None = None) -> TaskData:
-    return from_records(name, read_records(Path(train_path)), read_records(Path(dev_path)),
+               label_field: str, regression: bool = False, labels: Sequence[str] | None = None,
+               tsv_quoting: str = "auto") -> TaskData:
+    return from_records(name, read_records(Path(train_path), tsv_quoting), read_records(Path(dev_path), tsv_quoting),
                         text_fields, label_field, regression, labels, sources=(str(train_path), str(dev_path)))
 
 

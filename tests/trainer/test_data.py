@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from trainer.data import GLUE, from_records, glue_task_name, load_files, load_glue, load_hf_folder, read_tsv, subsample
+from trainer.data import (GLUE, from_records, glue_task_name, load_files, load_glue, load_hf_folder, read_records,
+                          read_tsv, subsample)
 
 GLUE_DIR = Path(os.environ.get("GLUE_DIR", Path(__file__).resolve().parents[3] / "shared" / "data" / "glue"))
 needs_glue = pytest.mark.skipif(not (GLUE_DIR / "RTE" / "dev.tsv").is_file(), reason="GLUE data not available")
@@ -85,6 +86,34 @@ def test_user_tsv_keeps_quotes_as_text_and_rows_apart(tmp_path):
     data = load_files("q", tmp_path / "train.tsv", tmp_path / "train.tsv", ["text"], "label")
     assert [e.texts[0] for e in data.train] == ['"so-called" film', '"bad', "ok"]
     assert [data.labels[e.label] for e in data.train] == ["pos", "neg", "pos"]
+
+
+def test_tsv_written_with_csv_quoting_is_read_as_asked_and_refused_when_ambiguous(tmp_path):
+    import csv
+
+    path = tmp_path / "quoted.tsv"
+    with open(path, "w", newline="") as f:  # as pandas' to_csv(sep="\\t") and csv.writer write TSV
+        csv.writer(f, delimiter="\t").writerows([("text", "label"), ('He said "hi"', "pos"), ("ok", "neg")])
+    assert '"He said ""hi"""' in path.read_text()
+    # Both readings are consistent tables that differ: say which, rather than guess.
+    with pytest.raises(ValueError, match="--tsv-quoting none .* or csv"):
+        load_files("q", path, path, ["text"], "label")
+    read = {q: [e.texts[0] for e in load_files("q", path, path, ["text"], "label", tsv_quoting=q).train]
+            for q in ("csv", "none")}
+    assert read == {"csv": ['He said "hi"', "ok"], "none": ['"He said ""hi"""', "ok"]}
+    # A quoted newline makes the quotes-as-text reading inconsistent: the CSV reading is the only one.
+    with open(path, "w", newline="") as f:
+        csv.writer(f, delimiter="\t").writerows([("text", "label"), ("two\nlines", "pos"), ("ok", "neg")])
+    assert [e.texts[0] for e in load_files("q", path, path, ["text"], "label").train] == ["two\nlines", "ok"]
+
+
+@needs_glue
+def test_glue_mrpc_as_a_user_tsv_reads_with_quotes_as_text():
+    # MRPC's unbalanced quotes merge rows under CSV quoting, which then has rows of the wrong width.
+    path = GLUE_DIR / "MRPC" / "train.tsv"
+    with pytest.raises(ValueError, match="fields in the header"):
+        read_records(path, tsv_quoting="csv")
+    assert len(read_records(path)) == len(read_records(path, tsv_quoting="none")) == 3668
 
 
 @pytest.mark.parametrize("name,content,message", [
