@@ -617,10 +617,6 @@ class Server:
                 raise SystemExit(f"server not ready after {timeout_s:.0f} s: {' '.join(self.command)}")
             time.sleep(0.2)
 
-    def metric(self, name: str) -> float:
-        """One unlabelled sample of the server's /metrics, e.g. bitfit_forward_duration_seconds_sum."""
-        return self.metrics(name)[name]
-
     def metrics(self, *names: str) -> dict[str, float]:
         """Several unlabelled samples from one scrape, so that they describe the same moment."""
         import httpx

@@ -86,7 +86,7 @@ def load_hf_base(path: str | Path | None = None) -> tuple[Path, PretrainedConfig
                                             output_loading_info=True)
     not_loaded = sorted({*info.get("missing_keys", ()), *(k[0] for k in info.get("mismatched_keys", ()))})
     if not_loaded and all(k.startswith("pooler.") for k in not_loaded):
-        model = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32, add_pooling_layer=False)
+        model.pooler = None  # what add_pooling_layer=False builds, without reading the checkpoint again
     elif not_loaded:
         raise ValueError(f"{path}: the checkpoint lacks {len(not_loaded)} weight(s) of a {config.model_type} "
                          f"model, e.g. {not_loaded[:3]}; refusing to serve randomly initialized weights")
