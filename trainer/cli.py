@@ -20,7 +20,7 @@ import typer
 from trainer import schemes
 from trainer.data import TaskData, glue_task_name, load_files, load_glue, load_hf_folder, subsample
 from trainer.grid import Budget
-from trainer.train import SCHEDULES, TrainArgs, default_lr
+from trainer.train import BIAS_LR, FROZEN_LR, FULL_LR, LR_CANDIDATES, SCHEDULES, TrainArgs, default_lr
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train BitFit deltas and their variants; evaluate them through the serving engine.")
@@ -58,9 +58,22 @@ def _load_data(task: Optional[str], glue_dir: Optional[Path], train_file: Option
         raise typer.BadParameter("--text-field is required (once, or twice for text pairs)")
     if hf_dataset is not None:
         return load_hf_folder(name, hf_dataset, text_field, label_field, regression)
-    if train_file is None or dev_file is None:
-        raise typer.BadParameter("give --task, or --train-file and --dev-file, or --hf-dataset")
+    if train_file is None:
+        raise typer.BadParameter("give --task, or --train-file (and optionally --dev-file), or --hf-dataset")
     return load_files(name, train_file, dev_file, text_field, label_field, regression, labels or None, tsv_quoting)
+
+
+def _parse_lr(value: Optional[str]) -> Optional[float]:
+    """None (the scheme's default), 'auto' (-> None here, see --lr auto) or a positive number."""
+    if value is None or value == "auto":
+        return None
+    try:
+        lr = float(value)
+    except ValueError:
+        raise typer.BadParameter(f"--lr: {value!r} is neither a number nor 'auto'") from None
+    if not lr > 0:
+        raise typer.BadParameter(f"--lr: {value!r} must be positive")
+    return lr
 
 
 @app.command()
@@ -70,19 +83,33 @@ def train(
     model: str = typer.Option("default", help="base model folder, or 'default' (bundled MiniLM)"),
     out: Optional[Path] = typer.Option(None, help="delta path (default deltas/<task>.safetensors)"),
     pooling: str = typer.Option("mean", help="mean | cls | pooler"),
-    lr: Optional[float] = typer.Option(None, help="default: the paper's rate for the task (full: 2e-5)"),
-    epochs: int = typer.Option(3),
-    batch_size: int = typer.Option(32),
-    max_length: int = typer.Option(128),
-    schedule: str = typer.Option("paper", help=f"one of {SCHEDULES}: constant, or warmup + linear decay"),
-    warmup_ratio: float = typer.Option(0.1),
+    lr: Optional[str] = typer.Option(None, help=f"a rate, or 'auto': try {', '.join(map(str, LR_CANDIDATES['bias']))} "
+                                                f"(bias schemes; full: {', '.join(map(str, LR_CANDIDATES['full']))}) "
+                                                f"on the validation split and keep the best. Default: {BIAS_LR:g} "
+                                                f"for bias schemes, {FULL_LR:g} full, {FROZEN_LR:g} frozen"),
+    lr_candidates: Optional[str] = typer.Option(None, help="comma-separated rates for --lr auto"),
+    steps: int = typer.Option(TrainArgs.steps, help="optimizer-step budget (epochs follow from it)"),
+    max_epochs: int = typer.Option(TrainArgs.max_epochs, help="cap on epochs from --steps (the BitFit paper's 20)"),
+    min_steps: int = typer.Option(TrainArgs.min_steps, help="floor on steps for tiny data sets, over the cap"),
+    epochs: Optional[int] = typer.Option(None, help="a fixed number of epochs instead of the step budget"),
+    batch_size: int = typer.Option(TrainArgs.batch_size),
+    max_length: int = typer.Option(TrainArgs.max_length),
+    schedule: str = typer.Option(TrainArgs.schedule, help=f"one of {SCHEDULES}: constant, or warmup + linear decay"),
+    warmup_ratio: float = typer.Option(TrainArgs.warmup_ratio),
+    val_fraction: float = typer.Option(TrainArgs.val_fraction, help="share of train held out (stratified, "
+                                       "at most 2,000 examples) to pick the epoch and --lr auto's rate"),
+    patience: int = typer.Option(TrainArgs.patience, help="early stop after this many epochs without a better "
+                                 "val score, once half the budget is spent; 0 = off"),
     seed: int = typer.Option(0),
     max_train_examples: Optional[int] = typer.Option(None, help="seeded random subsample of the train set"),
     rand_count: Optional[int] = typer.Option(None, help="entries trained by rand_* schemes"),
     max_steps: Optional[int] = typer.Option(None, help="stop after this many steps (smoke runs)"),
+    device: str = typer.Option("auto", help="auto (cuda if present), cpu, cuda, cuda:N"),
+    dtype: str = typer.Option("float32", help="float32, or bfloat16 (autocast; CPUs with bf16 instructions, "
+                              "GPUs); evaluation and the saved delta stay fp32"),
     glue_dir: Optional[Path] = typer.Option(None, help=GLUE_DIR_HELP),
     train_file: Optional[Path] = typer.Option(None, help="your CSV/TSV/JSONL training file"),
-    dev_file: Optional[Path] = typer.Option(None, help="your CSV/TSV/JSONL dev file"),
+    dev_file: Optional[Path] = typer.Option(None, help="your CSV/TSV/JSONL dev file (optional: reported only)"),
     hf_dataset: Optional[Path] = typer.Option(None, help="a datasets folder saved with save_to_disk"),
     name: Optional[str] = typer.Option(None, help="task name for your own data"),
     text_field: List[str] = typer.Option([], help="text column(s): once, or twice for pairs"),
@@ -93,27 +120,46 @@ def train(
     progress: bool = typer.Option(True, help="progress bars"),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
-    """Train one scheme on one task; write the delta (or record / checkpoint) and a run record."""
+    """Train one scheme on one task; write the delta (or record / checkpoint) and a run record.
+
+    The epoch (and with --lr auto, the rate) is chosen on a validation split carved from the
+    training data; the dev set, if any, is only reported."""
     from trainer.export import write_outputs
+    from trainer.train import sweep as run_sweep
     from trainer.train import train as run_training
 
     _set_threads(threads)
 
     if scheme not in schemes.SCHEMES:
         raise typer.BadParameter(f"unknown scheme {scheme!r}; choose one of {', '.join(schemes.SCHEMES)}")
+    rate = _parse_lr(lr)
+    candidates = None
+    if lr_candidates:
+        candidates = [_parse_lr(x.strip()) for x in lr_candidates.split(",") if x.strip()]
+        if lr != "auto":
+            raise typer.BadParameter("--lr-candidates goes with --lr auto")
     data = _load_data(task, glue_dir, train_file, dev_file, hf_dataset, name, text_field, label_field,
                       regression, labels, tsv_quoting)
     data = subsample(data, max_train_examples, seed)
-    args = TrainArgs(scheme=scheme, pooling=pooling, lr=lr if lr is not None else default_lr(data.name, scheme),
-                     epochs=epochs, batch_size=batch_size, max_length=max_length, schedule=schedule,
-                     warmup_ratio=warmup_ratio, seed=seed, max_train_examples=max_train_examples,
-                     rand_count=rand_count, max_steps=max_steps)
+    args = TrainArgs(scheme=scheme, pooling=pooling, lr=rate if rate is not None else default_lr(data.name, scheme),
+                     epochs=epochs, steps=steps, max_epochs=max_epochs, min_steps=min_steps,
+                     batch_size=batch_size, max_length=max_length, schedule=schedule, warmup_ratio=warmup_ratio,
+                     val_fraction=val_fraction, patience=patience or None, seed=seed,
+                     max_train_examples=max_train_examples, rand_count=rand_count, max_steps=max_steps,
+                     device=device, dtype=dtype)
     out = out or Path("deltas") / f"{data.name}.safetensors"
-    result = run_training(data, args, None if model == "default" else model, progress=progress)
-    rec = write_outputs(result, data, args, model, out)
+    model_path = None if model == "default" else model
+    try:
+        result = run_sweep(data, args, candidates, model_path, progress) if lr == "auto" \
+            else run_training(data, args, model_path, progress=progress)
+    except ValueError as e:  # bad device / dtype / split: one line, not a traceback
+        raise typer.BadParameter(str(e)) from None
+    rec = write_outputs(result, data, result.args, model, out)
     typer.echo(json.dumps({k: rec[k] for k in ("task", "scheme", "seed", "trainable_base_values", "metric",
-                                                "final", "best", "best_epoch", "wall_s", "outputs",
-                                                "record_path", "note")}, indent=2))
+                                                "selected_epoch", "val", "final", "last", "wall_s", "outputs",
+                                                "record_path", "note", "warnings", "sweep")}, indent=2))
+    for warning in rec["warnings"]:
+        typer.secho(f"WARNING: this delta has not learned: {warning}", err=True, fg="red", bold=True)
 
 
 @app.command("eval")
@@ -177,43 +223,48 @@ def grid(
     results_dir: Path = typer.Option(Path("benchmarks/results"), help="where accuracy.md/json go"),
     model: str = typer.Option("default"),
     tables: str = typer.Option("1,3,2", help="tables to run, in priority order"),
-    epochs: int = typer.Option(Budget.epochs, help="Tables 1-2 epochs (encoder-training schemes)"),
-    frozen_epochs: int = typer.Option(Budget.frozen_epochs, help="head-only epochs on cached features"),
-    table3_epochs: int = typer.Option(Budget.table3_epochs),
-    seeds: int = typer.Option(Budget.seeds, help="seeds for bitfit/full/frozen on RTE and MRPC"),
-    rte_examples: int = typer.Option(Budget.rte_examples or 0, help="train subsample, 0 = all"),
-    mrpc_examples: int = typer.Option(Budget.mrpc_examples or 0, help="train subsample, 0 = all"),
-    cola_examples: int = typer.Option(Budget.cola_examples or 0, help="train subsample, 0 = all"),
-    stsb_examples: int = typer.Option(Budget.stsb_examples or 0, help="train subsample, 0 = all"),
-    sst2_examples: int = typer.Option(Budget.sst2_examples or 0, help="train subsample, 0 = all"),
-    lr_scale: float = typer.Option(Budget.lr_scale, help="multiplies the paper's bias-scheme rates"),
-    frozen_lr: float = typer.Option(Budget.frozen_lr),
+    schemes_filter: Optional[str] = typer.Option(None, "--schemes", help="only these schemes (comma-separated)"),
+    tasks_filter: Optional[str] = typer.Option(None, "--tasks", help="only these tasks (comma-separated)"),
+    seeds: int = typer.Option(Budget.seeds, help="seeds for bitfit/full on RTE, MRPC, CoLA, STS-B and Table 3"),
+    dtype: str = typer.Option(Budget.dtype, help="training autocast: bfloat16 or float32"),
+    rte_examples: int = typer.Option(0, help="train subsample, 0 = all"),
+    mrpc_examples: int = typer.Option(0, help="train subsample, 0 = all"),
+    cola_examples: int = typer.Option(0, help="train subsample, 0 = all"),
+    stsb_examples: int = typer.Option(0, help="train subsample, 0 = all"),
+    sst2_examples: int = typer.Option(0, help="train subsample, 0 = all"),
     stop_after: Optional[str] = typer.Option(None, help="UTC time HH:MM after which no new run starts"),
     dry_run: bool = typer.Option(False, help="print the plan and exit"),
     tables_only: bool = typer.Option(False, help="rewrite accuracy.md/json from existing records, run nothing"),
     progress: bool = typer.Option(True),
     threads: Optional[int] = typer.Option(None, help=THREADS_HELP),
 ) -> None:
-    """Run the accuracy grid (Tables 1-3) and write accuracy.md/json; resumable."""
+    """Run the accuracy grid (Tables 1-3, learning-rate sweeps) and write accuracy.md/json; resumable."""
     _set_threads(threads)
     import time
     from datetime import datetime, timezone
 
-    from trainer.grid import plan, run_grid, write_tables
+    from trainer.grid import _records, plan, run_grid, write_tables
 
-    budget = Budget(epochs=epochs, frozen_epochs=frozen_epochs, table3_epochs=table3_epochs, seeds=seeds,
-                    rte_examples=rte_examples or None, mrpc_examples=mrpc_examples or None,
+    budget = Budget(seeds=seeds, dtype=dtype, rte_examples=rte_examples or None, mrpc_examples=mrpc_examples or None,
                     cola_examples=cola_examples or None, stsb_examples=stsb_examples or None,
-                    sst2_examples=sst2_examples or None, lr_scale=lr_scale, frozen_lr=frozen_lr)
+                    sst2_examples=sst2_examples or None)
     order = tuple(t.strip() for t in tables.split(",") if t.strip())
+    chosen_schemes = {x.strip() for x in schemes_filter.split(",")} if schemes_filter else None
+    chosen_tasks = {glue_task_name(x.strip()) for x in tasks_filter.split(",")} if tasks_filter else None
+
+    def only(run) -> bool:
+        return (chosen_schemes is None or run.scheme in chosen_schemes) and \
+            (chosen_tasks is None or run.task in chosen_tasks)
+
     if dry_run:
-        for run in plan(budget, order):
-            done = (runs_dir / f"{run.key}.run.json").exists()
-            typer.echo(f"table {run.table}  {run.key}{'  (done)' if done else ''}")
+        records = _records(runs_dir)
+        for run in plan(budget, order, records):
+            if only(run):
+                typer.echo(f"table {run.table}  {run.key}{'  (done)' if run.key in records else ''}")
         return
     if tables_only:
         result = write_tables(budget, runs_dir, results_dir, order)
-        typer.echo(json.dumps({"completed_runs": result["completed_runs"], "planned_runs": result["planned_runs"],
+        typer.echo(json.dumps({"completed_runs": result["completed_runs"],
                                "table1_average": result["table1_average"]}, indent=2))
         return
     deadline = None
@@ -225,9 +276,8 @@ def grid(
             deadline += 86400
     started = time.perf_counter()
     result = run_grid(budget, _glue_dir(glue_dir), runs_dir, results_dir, model, order, deadline, progress,
-                      log=lambda msg: typer.echo(msg, err=True), deltas_dir=deltas_dir)
-    typer.echo(json.dumps({"completed_runs": result["completed_runs"], "planned_runs": result["planned_runs"],
-                           "table1_average": result["table1_average"],
+                      log=lambda msg: typer.echo(msg, err=True), deltas_dir=deltas_dir, only=only)
+    typer.echo(json.dumps({"completed_runs": result["completed_runs"], "table1_average": result["table1_average"],
                            "wall_s": round(time.perf_counter() - started, 1)}, indent=2))
 
 

@@ -174,18 +174,21 @@ def _read_tsv(path: Path, tsv_quoting: str) -> list[dict]:
                      f"--tsv-quoting none (quotes are text, as in GLUE) or csv (quoted as pandas writes TSV)")
 
 
-def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fields: Sequence[str],
+def from_records(name: str, train: Sequence[dict], dev: Sequence[dict] | None, text_fields: Sequence[str],
                  label_field: str, regression: bool = False,
                  labels: Sequence[str] | None = None, sources: tuple[str, str] = ("train", "dev")) -> TaskData:
     """Build a task from row dicts. Class names are ``labels`` if given, else the sorted distinct
     training labels (so class ids do not depend on row order). Missing or empty texts and labels,
     and regression targets that are not finite numbers, are refused before any training, naming
-    the row (``sources``: what to call the two splits in messages, e.g. their files)."""
+    the row (``sources``: what to call the two splits in messages, e.g. their files). ``dev``
+    None: no dev set (the trainer still picks epochs on a split of ``train``)."""
     text_fields = tuple(text_fields)
+    dev_given = dev is not None
+    dev = dev if dev is not None else []
     if len(text_fields) not in (1, 2):
         raise ValueError(f"text fields: give one or two, got {list(text_fields)}")
     for source, rows in zip(sources, (train, dev)):
-        if not rows:
+        if not rows and (rows is train or dev_given):
             raise ValueError(f"{source}: no rows")
         for i, row in enumerate(rows):
             missing = [f for f in (*text_fields, label_field) if f not in row]
@@ -224,10 +227,12 @@ def from_records(name: str, train: Sequence[dict], dev: Sequence[dict], text_fie
     return TaskData(name, text_fields, classes, problem, metric, convert(train, sources[0]), convert(dev, sources[1]))
 
 
-def load_files(name: str, train_path: str | Path, dev_path: str | Path, text_fields: Sequence[str],
+def load_files(name: str, train_path: str | Path, dev_path: str | Path | None, text_fields: Sequence[str],
                label_field: str, regression: bool = False, labels: Sequence[str] | None = None,
                tsv_quoting: str = "auto") -> TaskData:
-    return from_records(name, read_records(Path(train_path), tsv_quoting), read_records(Path(dev_path), tsv_quoting),
+    """A task from your files; ``dev_path`` None: no dev set (only the validation split carved from train)."""
+    dev = read_records(Path(dev_path), tsv_quoting) if dev_path is not None else None
+    return from_records(name, read_records(Path(train_path), tsv_quoting), dev,
                         text_fields, label_field, regression, labels, sources=(str(train_path), str(dev_path)))
 
 
@@ -260,3 +265,36 @@ def subsample(data: TaskData, max_train_examples: int | None, seed: int) -> Task
     rng = random.Random(seed)
     keep = sorted(rng.sample(range(len(data.train)), max_train_examples))
     return replace(data, train=tuple(data.train[i] for i in keep))
+
+
+def split_validation(data: TaskData, fraction: float, seed: int,
+                     max_examples: int | None = 2000) -> tuple[TaskData, tuple[Example, ...]]:
+    """Carve a seeded validation split from ``data.train``: ``(data without it, val)``.
+
+    Epochs, early stopping and learning rates are chosen on this split, never on ``data.dev``
+    (the set the tables report). Classification splits are stratified: every class keeps its share
+    (at least one example in val and one in train per class that has two). ``max_examples`` caps
+    the split so that a large train set (SST-2's 67k) does not spend minutes per epoch on it."""
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"val_fraction: {fraction!r} must be between 0 and 1 (exclusive)")
+    n = len(data.train)
+    size = max(1, round(fraction * n))
+    if max_examples is not None:
+        size = min(size, max_examples)
+    if n < 2:
+        raise ValueError(f"{data.name}: {n} training example(s), too few to carve a validation split")
+    rng = random.Random(seed)
+    if data.problem_type == REGRESSION:
+        chosen = set(rng.sample(range(n), size))
+    else:
+        by_class: dict[int, list[int]] = {}
+        for i, example in enumerate(data.train):
+            by_class.setdefault(int(example.label), []).append(i)
+        chosen = set()
+        for members in by_class.values():
+            share = round(size * len(members) / n)
+            take = min(len(members) - 1, max(1, share)) if len(members) > 1 else 0
+            chosen.update(rng.sample(members, take))
+    train = tuple(e for i, e in enumerate(data.train) if i not in chosen)
+    val = tuple(data.train[i] for i in sorted(chosen))
+    return replace(data, train=train), val

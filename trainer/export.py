@@ -19,7 +19,7 @@ from bitfit_serve import delta as delta_io
 from bitfit_serve.delta import Delta
 from trainer import schemes
 from trainer.data import TaskData
-from trainer.train import RunResult, TrainArgs, hardware, summary
+from trainer.train import RunResult, TrainArgs, hardware, resolve_device, summary
 
 
 def to_delta(result: RunResult, data: TaskData, args: TrainArgs, base_model: str) -> Delta:
@@ -42,8 +42,8 @@ def to_delta(result: RunResult, data: TaskData, args: TrainArgs, base_model: str
         inputs=data.inputs,
         max_length=args.max_length,
         scheme=args.scheme,
-        metrics={"dev": stats["final"], "metric": data.metric, "epoch": stats["final_epoch"],
-                 "best_dev": stats["best"], "best_epoch": stats["best_epoch"], "n_dev": result.n_dev},
+        metrics={"dev": stats["final"], "val": stats["val"], "metric": data.metric, "epoch": stats["final_epoch"],
+                 "n_dev": result.n_dev, "n_val": result.n_val, "warnings": list(result.warnings)},
         train_args={**asdict(args), "n_train": result.n_train},
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         trainer_version=trainer.__version__,
@@ -52,7 +52,8 @@ def to_delta(result: RunResult, data: TaskData, args: TrainArgs, base_model: str
 
 def record(result: RunResult, data: TaskData, args: TrainArgs, base_model: str,
            outputs: dict[str, str]) -> dict[str, Any]:
-    """The JSON run record: arguments, counts, per-epoch history, final and best dev metrics."""
+    """The JSON run record: arguments, counts, per-epoch history (val and dev), the selected
+    epoch's metrics, warnings, and the learning-rate sweep when there was one."""
     servable = args.scheme in schemes.SERVABLE
     return {
         "task": data.name,
@@ -68,14 +69,17 @@ def record(result: RunResult, data: TaskData, args: TrainArgs, base_model: str,
         "trainable_base_values": result.trainable_base_values,
         "head_values": result.head_values,
         "n_train": result.n_train,
+        "n_val": result.n_val,
         "n_dev": result.n_dev,
         "labels": list(data.labels),
         "problem_type": data.problem_type,
         **summary(result, data.metric),
         "history": result.history,
+        "warnings": list(result.warnings),
+        "sweep": list(result.sweep),
         "stopped_early": result.stopped_early,
         "wall_s": result.wall_s,
-        "hardware": hardware(),
+        "hardware": hardware(str(resolve_device(args.device)), args.dtype),
         "outputs": outputs,
         "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "trainer_version": trainer.__version__,

@@ -173,3 +173,41 @@ def test_subsample_is_seeded():
     a, b, c = subsample(data, 10, 0), subsample(data, 10, 0), subsample(data, 10, 1)
     assert len(a.train) == 10 and a.train == b.train and a.train != c.train and a.dev == data.dev
     assert subsample(data, None, 0) is data
+
+
+def test_validation_split_is_disjoint_seeded_stratified_and_capped():
+    from trainer.data import split_validation
+
+    rows = [{"text": f"sentence {i}", "label": "a" if i % 4 else "b"} for i in range(400)]  # 300 a, 100 b
+    data = from_records("t", rows, rows[:5], ["text"], "label")
+    train, val = split_validation(data, 0.1, seed=3)
+    assert len(val) == 40 and len(train.train) == 360
+    assert not {e.texts for e in val} & {e.texts for e in train.train}  # disjoint
+    assert sorted(e.texts for e in val + train.train) == sorted(e.texts for e in data.train)  # a partition
+    assert sum(e.label == data.labels.index("b") for e in val) == 10  # stratified: b keeps its 25%
+    again, val_again = split_validation(data, 0.1, seed=3)
+    assert val_again == val and again == train  # seeded
+    assert split_validation(data, 0.1, seed=4)[1] != val
+    assert len(split_validation(data, 0.5, seed=0, max_examples=50)[1]) == 50
+    assert train.dev == data.dev  # dev is never touched
+
+
+def test_validation_split_keeps_every_class_on_both_sides_and_refuses_bad_fractions():
+    from trainer.data import split_validation
+
+    rows = [{"text": f"s{i}", "label": "rare" if i == 0 or i == 1 else "common"} for i in range(30)]
+    data = from_records("t", rows, rows, ["text"], "label")
+    train, val = split_validation(data, 0.1, seed=0)
+    rare = data.labels.index("rare")
+    assert sum(e.label == rare for e in val) == 1 and sum(e.label == rare for e in train.train) == 1
+    for bad in (0.0, 1.0, -0.1):
+        with pytest.raises(ValueError, match="val_fraction"):
+            split_validation(data, bad, seed=0)
+
+
+def test_user_data_without_a_dev_file(tmp_path):
+    from trainer.data import load_files
+
+    (tmp_path / "t.csv").write_text("text,label\n" + "".join(f"s{i},{i % 2}\n" for i in range(10)))
+    data = load_files("t", tmp_path / "t.csv", None, ["text"], "label")
+    assert len(data.train) == 10 and data.dev == ()

@@ -105,7 +105,7 @@ def test_end_to_end_regression_pairs_changes_predictions(tiny_bert_dir, tmp_path
     torch.testing.assert_close(torch.tensor(trained), _trainer_logits(result, data)[:, 0], rtol=1e-5, atol=1e-5)
     # the run record sits beside the delta
     rec = json.loads((tmp_path / "sts.run.json").read_text())
-    assert rec["servable"] and rec["n_train"] == len(data.train) and len(rec["history"]) == 3
+    assert rec["servable"] and rec["n_train"] + rec["n_val"] == len(data.train) and len(rec["history"]) == 3
 
 
 def test_weight_matrix_baseline_writes_record_only_and_masks_hold(tiny_bert_dir, tmp_path):
@@ -234,3 +234,128 @@ def test_bucketed_batches_cover_each_example_once():
     # within a window, batches hold neighbouring lengths: much less padding than random batches
     padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     assert padded < 1.3 * sum(lengths)
+
+
+@pytest.mark.parametrize("n_train,epochs", [
+    (48_000, 1),    # 3,000 steps at batch 16 fit in one epoch
+    (8_000, 6),     # 500 steps an epoch: 6 epochs reach 3,000
+    (2_000, 20),    # 125 an epoch: capped at 20 epochs (2,500 steps)
+    (160, 100),     # 10 an epoch: the 1,000-step floor wins over the cap
+])
+def test_step_budget_sets_the_epochs(n_train, epochs):
+    from trainer.train import plan_epochs
+
+    assert plan_epochs(n_train, TrainArgs()) == epochs
+    assert plan_epochs(n_train, TrainArgs(epochs=2)) == 2  # an explicit --epochs wins
+
+
+def test_the_model_holds_the_epoch_with_the_best_validation_score(tiny_bert_dir, tmp_path):
+    data = _single(40)
+    args = _args(epochs=4, lr=0.2, patience=None)
+    result = train(data, args, tiny_bert_dir, progress=False)
+    vals = [h["val"]["accuracy"] for h in result.history]
+    assert result.selected_epoch == 1 + vals.index(max(vals)) and result.n_val == 4 and result.n_train == 36
+    # the returned weights are that epoch's: their dev score is the one recorded for it
+    out = tmp_path / "t.safetensors"
+    rec = export.write_outputs(result, data, args, str(tiny_bert_dir), out)
+    assert rec["final"] == result.history[result.selected_epoch - 1]["dev"] and rec["final_epoch"] == result.selected_epoch
+    from trainer.metrics import from_outputs
+    from trainer.train import predict
+    enc = encode(result.tokenizer, data.dev, 32)
+    assert from_outputs(predict(result.model, enc, result.config.pad_token_id), enc.labels,
+                        data.problem_type) == rec["final"]
+    assert delta_io.load(out).metrics["dev"] == rec["final"]
+
+
+def test_early_stopping_waits_for_half_the_budget_then_stops(tiny_bert_dir):
+    data = _single(40)
+    # lr 0: nothing ever improves after epoch 1
+    result = train(data, _args(epochs=12, lr=0.0, patience=2), tiny_bert_dir, progress=False)
+    assert result.stopped_early and result.selected_epoch == 1
+    assert len(result.history) == 6  # past half of 12 epochs' steps, 2 epochs without a better score
+    full = train(data, _args(epochs=3, lr=0.0, patience=2), tiny_bert_dir, progress=False)
+    assert len(full.history) == 3 and not full.stopped_early
+
+
+def test_one_class_and_prior_warnings():
+    import numpy as np
+
+    from trainer.train import collapse_warnings
+
+    rows = [{"text": f"s{i}", "label": "a" if i % 4 else "b"} for i in range(40)]
+    data = from_records("t", rows, rows, ["text"], "label")
+    labels = [e.label for e in data.train]
+    one_class = np.zeros((len(labels), 2))
+    one_class[:, data.labels.index("a")] = 1.0
+    found = collapse_warnings(one_class, labels, labels, data)
+    assert any("predicts 'a' for 100%" in w for w in found) and any("majority class" in w for w in found)
+    perfect = np.eye(2)[labels]
+    assert collapse_warnings(perfect, labels, labels, data) == ()
+    regression = from_records("r", [{"t": "x", "y": 1.0}, {"t": "z", "y": 2.0}], None, ["t"], "y", regression=True)
+    assert collapse_warnings(np.array([[3.0], [3.0]]), [1.0, 2.0], [1.0, 2.0], regression)
+    assert collapse_warnings(np.array([[1.0], [2.0]]), [1.0, 2.0], [1.0, 2.0], regression) == ()
+
+
+def test_a_delta_stuck_at_the_prior_is_flagged_in_the_record_and_the_cli(tiny_bert_dir, tmp_path):
+    data = _single()
+    _write_csv(tmp_path / "t.csv", data)
+    out = tmp_path / "t.safetensors"
+    r = CliRunner().invoke(app, ["train", "--model", str(tiny_bert_dir), "--train-file", str(tmp_path / "t.csv"),
+                                 "--name", "t", "--text-field", "text", "--out", str(out), "--epochs", "1",
+                                 "--lr", "1e-9", "--no-progress"])  # no dev file; a rate that cannot learn
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "t.run.json").read_text())
+    assert rec["warnings"] and rec["final"] is None and rec["n_dev"] == 0 and rec["n_val"] > 0
+    assert "WARNING: this delta has not learned" in r.output
+    assert delta_io.load(out).metrics["warnings"] == rec["warnings"]
+
+
+def test_sweep_keeps_the_rate_with_the_best_validation_score(tiny_bert_dir):
+    from trainer.train import sweep
+
+    data = _single(40)
+    result = sweep(data, _args(epochs=2), [0.0, 0.3], tiny_bert_dir, progress=False)
+    rows = {r["lr"]: r for r in result.sweep}
+    assert set(rows) == {0.0, 0.3}
+    best = max(rows.values(), key=lambda r: r["val"])
+    assert result.args.lr == best["lr"]
+    assert result.history[result.selected_epoch - 1]["val"]["accuracy"] == best["val"]
+
+
+def test_cli_lr_auto_writes_the_winner_and_its_sweep(tiny_bert_dir, tmp_path):
+    data = _single()
+    _write_csv(tmp_path / "t.csv", data)
+    out = tmp_path / "t.safetensors"
+    r = CliRunner().invoke(app, ["train", "--model", str(tiny_bert_dir), "--train-file", str(tmp_path / "t.csv"),
+                                 "--name", "t", "--text-field", "text", "--out", str(out), "--epochs", "1",
+                                 "--lr", "auto", "--lr-candidates", "0.001,0.05", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads((tmp_path / "t.run.json").read_text())
+    assert [row["lr"] for row in rec["sweep"]] == [0.001, 0.05]
+    assert rec["train_args"]["lr"] in (0.001, 0.05) and delta_io.load(out).train_args["lr"] == rec["train_args"]["lr"]
+    bad = CliRunner().invoke(app, ["train", "--model", str(tiny_bert_dir), "--train-file", str(tmp_path / "t.csv"),
+                                   "--name", "t", "--text-field", "text", "--lr", "fast"])
+    assert bad.exit_code != 0 and "neither a number nor 'auto'" in bad.output
+
+
+def test_device_and_dtype_plumbing_on_cpu(tiny_bert_dir, tmp_path):
+    from trainer.train import autocast, resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA GPU"):
+            resolve_device("cuda")
+        assert resolve_device("auto").type == "cpu"
+    with pytest.raises(ValueError, match="loss scaling"):
+        autocast(torch.device("cpu"), "float16")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        with pytest.raises(ValueError, match="no bf16 instructions"):
+            autocast(torch.device("cpu"), "bfloat16")
+        return
+    data = _single()
+    args = _args(dtype="bfloat16", device="cpu", max_steps=3)
+    result = train(data, args, tiny_bert_dir, progress=False)
+    assert result.model.head.weight.dtype == torch.float32  # master weights and the delta stay fp32
+    rec = export.write_outputs(result, data, args, str(tiny_bert_dir), tmp_path / "b.safetensors")
+    assert rec["hardware"]["dtype"] == "bfloat16" and rec["hardware"]["device"] == "cpu"
+    assert rec["train_args"]["dtype"] == "bfloat16"
