@@ -9,60 +9,51 @@ from __future__ import annotations
 
 import json
 import logging
+import types
+from inspect import Parameter, Signature
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Optional, Union, get_args, get_origin
 
 import typer
+from pydantic import ValidationError
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.errors import InvalidDelta
-from bitfit_serve.settings import ENV_PREFIX, Settings
+from bitfit_serve.settings import ENV_PREFIX, Settings, explain
 from bitfit_serve.store import DeltaStore
 
 app = typer.Typer(help="Serve thousands of BitFit tasks from one frozen encoder.", no_args_is_help=True,
                   add_completion=False)
 
-_D = Settings()  # the defaults, shown in --help
+
+def _settings_options(func):
+    """Give ``func(**options)`` one option per :class:`Settings` field: ``--max-queue`` (``--watch/--no-watch``
+    for a bool), also settable by the env var ``BITFIT_SERVE_MAX_QUEUE``, with the field's default and help."""
+    params = []
+    for name, field in Settings.model_fields.items():
+        flag = name.replace("_", "-")
+        decl = f"--{flag}/--no-{flag}" if field.annotation is bool else f"--{flag}"
+        option = typer.Option(decl, envvar=f"{ENV_PREFIX}{name.upper()}", help=field.description)
+        params.append(Parameter(name, Parameter.KEYWORD_ONLY, default=field.get_default(),
+                                annotation=Annotated[_without_constraints(field.annotation), option]))
+    func.__signature__ = Signature(params, return_annotation=None)
+    return func
 
 
-def _opt(name: str, help: str, flag: bool = False):
-    """An option settable as ``--name`` or by the env var ``BITFIT_SERVE_NAME``."""
-    decl = f"--{name}/--no-{name}" if flag else f"--{name}"
-    return typer.Option(decl, envvar=f"{ENV_PREFIX}{name.upper().replace('-', '_')}", help=help)
+def _without_constraints(tp):
+    """``Optional[PositiveInt]`` -> ``Optional[int]``: typer wants plain types, pydantic checks the values."""
+    if get_origin(tp) is Annotated:
+        return _without_constraints(get_args(tp)[0])
+    if get_origin(tp) in (Union, types.UnionType):
+        return Union[tuple(_without_constraints(a) for a in get_args(tp))]
+    return tp
 
 
 @app.command()
-def serve(
-    model: Annotated[str, _opt("model", "HF model folder, or 'default' for the bundled MiniLM")] = _D.model,
-    deltas: Annotated[Path, _opt("deltas", "deltas folder: loaded at start-up, watched, uploads land here "
-                                            "(created if missing)")] = _D.deltas,
-    host: Annotated[str, _opt("host", "address to listen on")] = _D.host,
-    port: Annotated[int, _opt("port", "port to listen on")] = _D.port,
-    device: Annotated[str, _opt("device", "cpu, cuda, cuda:1, ...")] = _D.device,
-    dtype: Annotated[str, _opt("dtype", "float32, float16 or bfloat16")] = _D.dtype,
-    threads: Annotated[Optional[int], _opt("threads", "CPU threads per forward pass (default: one per core)")] = None,
-    max_batch_tokens: Annotated[int, _opt("max-batch-tokens", "padded tokens per forward pass")] = _D.max_batch_tokens,
-    max_batch_requests: Annotated[int, _opt("max-batch-requests", "sequences per forward pass")] = _D.max_batch_requests,
-    forward_overhead_tokens: Annotated[Optional[int], _opt(
-        "forward-overhead-tokens", "cost of one more forward in padded tokens: mixed lengths are cut into "
-                                   "batches where padding costs more (default: CPU 64, GPU 16384)")] = None,
-    max_queue: Annotated[int, _opt("max-queue", "sequences waiting before 503 + Retry-After")] = _D.max_queue,
-    max_texts_per_request: Annotated[int, _opt("max-texts-per-request", "inputs per request")] = _D.max_texts_per_request,
-    max_chars_per_text: Annotated[int, _opt("max-chars-per-text", "characters per text")] = _D.max_chars_per_text,
-    max_items_per_predict: Annotated[int, _opt("max-items-per-predict", "items per POST /v1/predict")] = _D.max_items_per_predict,
-    max_request_bytes: Annotated[int, _opt("max-request-bytes", "JSON body size cap")] = _D.max_request_bytes,
-    max_upload_bytes: Annotated[int, _opt("max-upload-bytes", "delta upload size cap")] = _D.max_upload_bytes,
-    admin_token: Annotated[Optional[str], _opt("admin-token", "token for PUT/DELETE /v1/tasks/{task} "
-                                                              "(Authorization: Bearer <token>)")] = None,
-    allow_insecure_admin: Annotated[bool, _opt("allow-insecure-admin", "allow open admin routes (no token) on a "
-                                                                       "non-loopback host", flag=True)] = False,
-    api_key: Annotated[Optional[str], _opt("api-key", "key for inference and task listing "
-                                                      "(Authorization: Bearer <key>)")] = None,
-    watch: Annotated[bool, _opt("watch", "watch the deltas folder for changes", flag=True)] = _D.watch,
-    metrics_per_task: Annotated[bool, _opt("metrics-per-task", "per-task Prometheus labels", flag=True)] = _D.metrics_per_task,
-    log_level: Annotated[str, _opt("log-level", "debug, info, warning, error")] = _D.log_level,
-) -> None:
+@_settings_options
+def serve(**options) -> None:
     """Run the HTTP server (OpenAPI docs at /docs)."""
+    # The options are the Settings fields (see _settings_options); Settings checks their values.
     import torch
     import uvicorn
 
@@ -70,17 +61,10 @@ def serve(
     from bitfit_serve.server import create_app
 
     try:
-        settings = Settings(model=model, deltas=deltas, host=host, port=port, device=device, dtype=dtype,
-                            threads=threads, max_batch_tokens=max_batch_tokens, max_batch_requests=max_batch_requests,
-                            forward_overhead_tokens=forward_overhead_tokens, max_queue=max_queue,
-                            max_texts_per_request=max_texts_per_request,
-                            max_chars_per_text=max_chars_per_text, max_items_per_predict=max_items_per_predict,
-                            max_request_bytes=max_request_bytes, max_upload_bytes=max_upload_bytes,
-                            admin_token=admin_token, allow_insecure_admin=allow_insecure_admin,
-                            api_key=api_key, watch=watch,
-                            metrics_per_task=metrics_per_task, log_level=log_level)
-    except ValueError as e:
-        raise typer.BadParameter(str(e)) from None
+        settings = Settings(**options)
+    except ValidationError as e:
+        flags = [f"--{err['loc'][0].replace('_', '-')}" for err in e.errors() if err["loc"]]
+        raise typer.BadParameter(explain(e), param_hint=flags or None) from None
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, before any forward; the inference thread inherits it
@@ -105,7 +89,7 @@ def inspect(
         typer.echo(f"error: cannot read {path}: {e.strerror}", err=True)
         raise typer.Exit(1)
     try:
-        delta = delta_io.from_bytes(data, source=str(path))
+        file = delta_io.parse(data, source=str(path))
     except InvalidDelta as e:
         typer.echo(f"invalid delta: {e.message}", err=True)
         raise typer.Exit(1)
@@ -114,14 +98,15 @@ def inspect(
         from bitfit_serve.engine import Engine
 
         try:
-            Engine.from_pretrained(None if model == "default" else model).check(delta)
+            Engine.from_pretrained(None if model == "default" else model).tasks.check(file.delta)
             check = "ok"
         except InvalidDelta as e:
             check = e.message
+    delta = file.delta
     meta = {k: v for k, v in delta.metadata().items() if k not in ("metrics", "train_args", "labels", "inputs")}
     info = {
         **meta, "labels": list(delta.labels), "inputs": list(delta.inputs), "metrics": dict(delta.metrics),
-        "train_args": dict(delta.train_args), "version": delta_io.sha256_bytes(data)[:16],
+        "train_args": dict(delta.train_args), "version": file.version,
         "file_bytes": len(data), "value_bytes": delta.nbytes,
         "head": list(delta.head_weight.shape),
         "sites": {name: t.numel() for name, t in sorted(delta.sites.items())},
@@ -156,10 +141,10 @@ def tasks(folder: Annotated[Path, typer.Argument(help="a deltas folder")]) -> No
         path = store.path_for(task)
         data = path.read_bytes()
         try:
-            d = delta_io.from_bytes(data, source=str(path))
+            file = delta_io.parse(data, source=str(path))
+            d = file.delta
             status = "ok" if d.task == task else f"metadata names task {d.task!r}"
-            rows.append((task, delta_io.sha256_bytes(data)[:16], d.problem_type, ",".join(d.labels), d.scheme,
-                         str(len(data)), status))
+            rows.append((task, file.version, d.problem_type, ",".join(d.labels), d.scheme, str(len(data)), status))
         except InvalidDelta as e:
             rows.append((task, "-", "-", "-", "-", str(len(data)), f"invalid: {e.message}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]

@@ -1,14 +1,24 @@
 """Server settings: one frozen object, built once at start-up from CLI flags / ``BITFIT_SERVE_*`` env vars.
 
-Nothing reads the environment at import time; ``bitfit-serve serve`` builds a :class:`Settings`
-(typer maps every flag to its env var) and hands it to ``create_app``. Tests build one directly.
+Each setting is declared once, as a field of :class:`Settings`: its type and limits, its default and
+its help text. ``bitfit-serve serve`` generates one option per field from them (``--max-queue``,
+env var ``BITFIT_SERVE_MAX_QUEUE``), builds a :class:`Settings` and hands it to ``create_app``.
+Tests build one directly. Nothing reads the environment at import time; ``Settings()`` does read
+``BITFIT_SERVE_*`` for the fields it is not given, as any pydantic ``BaseSettings`` does.
+
+Invalid values raise pydantic's ``ValidationError`` (a ``ValueError``) naming the field;
+:func:`explain` turns it into one line for a command-line error.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Optional
+
+from pydantic import (Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo, field_validator,
+                      model_validator)
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "BITFIT_SERVE_"
 # Batch limits, shared with Engine.plan / forward_many / predict as their defaults.
@@ -16,66 +26,68 @@ MAX_BATCH_TOKENS = 8192
 MAX_BATCH_REQUESTS = 64
 
 
-@dataclass(frozen=True)
-class Settings:
-    model: str = "default"  # HF folder, or "default" for the bundled MiniLM
-    deltas: Path = Path("deltas")  # the delta store: loaded at start-up, watched, uploads land here
-    host: str = "127.0.0.1"
-    port: int = 8000
-    device: str = "cpu"
-    dtype: str = "float32"
-    # CPU threads of one forward pass (torch.set_num_threads). None: torch's default, one per core.
-    # Fewer leave cores to other work on the machine (another replica, a co-located client).
-    threads: int | None = None
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
+
+    model: str = Field("default", description="HF model folder, or 'default' for the bundled MiniLM")
+    deltas: Path = Field(Path("deltas"), description="deltas folder: loaded at start-up, watched, uploads land "
+                                                     "here (created if missing)")
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    device: str = Field("cpu", description="cpu, cuda, cuda:1, ...")
+    dtype: str = Field("float32", description="float32, float16 or bfloat16")
+    # torch.set_num_threads. Fewer than the cores leave some to other work on the machine
+    # (another replica, a co-located client).
+    threads: Optional[PositiveInt] = Field(None, description="CPU threads per forward pass (default: one per core)")
     # Batching: a forward takes at most this many padded tokens (batch x longest sequence) and
     # this many sequences; a sequence longer than the budget runs alone.
-    max_batch_tokens: int = MAX_BATCH_TOKENS
-    max_batch_requests: int = MAX_BATCH_REQUESTS
-    # What one more forward costs, in padded tokens' worth: sequences of mixed lengths are cut into
-    # batches wherever the padding would cost more. None: the device's default (CPU 64, GPU 16384;
-    # see bitfit_serve.engine.FORWARD_OVERHEAD_TOKENS).
-    forward_overhead_tokens: int | None = None
-    # Sequences admitted but not yet in a batch; beyond it requests get 503 + Retry-After.
-    max_queue: int = 2048
-    retry_after_s: int = 1
+    max_batch_tokens: PositiveInt = Field(MAX_BATCH_TOKENS, description="padded tokens per forward pass")
+    max_batch_requests: PositiveInt = Field(MAX_BATCH_REQUESTS, description="sequences per forward pass")
+    # None: the device's default, see bitfit_serve.engine.FORWARD_OVERHEAD_TOKENS.
+    forward_overhead_tokens: Optional[NonNegativeInt] = Field(
+        None, description="cost of one more forward in padded tokens: mixed lengths are cut into batches "
+                          "where padding costs more (default: CPU 64, GPU 16384)")
+    # Sequences admitted but not yet in a batch.
+    max_queue: PositiveInt = Field(2048, description="sequences waiting before 503 + Retry-After")
+    retry_after_s: PositiveInt = Field(1, description="seconds in the Retry-After header of a 503 (queue full)")
     # Input limits (413 past them, the message names the setting).
-    max_texts_per_request: int = 256  # texts (or pairs) in one request, summed over /v1/predict items
-    max_chars_per_text: int = 10_000  # each text of a pair counts on its own
-    max_items_per_predict: int = 64  # items of one POST /v1/predict
-    max_request_bytes: int = 4 << 20  # JSON bodies
-    max_upload_bytes: int = 16 << 20  # PUT /v1/tasks/{task}; a MiniLM delta is ~60-140 KB
+    max_texts_per_request: PositiveInt = Field(256, description="inputs (texts or pairs) per request, summed over "
+                                                                "the items of POST /v1/predict")
+    max_chars_per_text: PositiveInt = Field(10_000, description="characters per text (each text of a pair on "
+                                                                "its own)")
+    max_items_per_predict: PositiveInt = Field(64, description="items per POST /v1/predict")
+    max_request_bytes: PositiveInt = Field(4 << 20, description="JSON body size cap")
+    max_upload_bytes: PositiveInt = Field(16 << 20, description="delta upload size cap "
+                                                                "(a MiniLM delta is ~60-140 KB)")
     # Admin routes (PUT/DELETE /v1/tasks/{task}). With no token they are open, which is only
     # allowed on a loopback host unless allow_insecure_admin says otherwise.
-    admin_token: str | None = None
-    allow_insecure_admin: bool = False
-    # Inference and task-listing routes: with a key set they need 'Authorization: Bearer <api key>'
-    # (the admin token works too); health, readiness and metrics stay open.
-    api_key: str | None = None
-    watch: bool = True  # pick up adds/replaces/deletes in the deltas folder while running
-    metrics_per_task: bool = False  # per-task Prometheus labels: one series per task, off by default
-    log_level: str = "info"
+    admin_token: Optional[str] = Field(None, description="token for PUT/DELETE /v1/tasks/{task} "
+                                                         "(Authorization: Bearer <token>)")
+    allow_insecure_admin: bool = Field(False, description="allow open admin routes (no token) on a "
+                                                          "non-loopback host")
+    # With a key set, the inference and task-listing routes need it (the admin token works too);
+    # health, readiness and metrics stay open.
+    api_key: Optional[str] = Field(None, description="key for inference and task listing "
+                                                     "(Authorization: Bearer <key>)")
+    watch: bool = Field(True, description="watch the deltas folder for changes (adds, replaces, deletes)")
+    metrics_per_task: bool = Field(False, description="per-task Prometheus labels (one series per task)")
+    log_level: str = Field("info", description="debug, info, warning, error")
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "deltas", Path(self.deltas))  # a str from a caller is fine too
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if f.type == "int" and (not isinstance(value, int) or value < 1) and f.name != "port":
-                raise ValueError(f"{f.name} must be a positive integer, got {value!r}")
-        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ValueError(f"threads must be a positive integer, got {self.threads!r}")
-        if self.forward_overhead_tokens is not None and self.forward_overhead_tokens < 0:
-            raise ValueError(f"forward_overhead_tokens must be >= 0, got {self.forward_overhead_tokens}")
-        if not 0 <= self.port <= 65535:
-            raise ValueError(f"port must be in [0, 65535], got {self.port}")
-        if self.admin_token is not None and not self.admin_token.strip():
-            raise ValueError("admin_token must not be empty (leave it unset to run without one)")
-        if self.api_key is not None and not self.api_key.strip():
-            raise ValueError("api_key must not be empty (leave it unset to run without one)")
+    @field_validator("admin_token", "api_key")
+    @classmethod
+    def _not_blank(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError(f"{info.field_name} must not be empty (leave it unset to run without one)")
+        return value
+
+    @model_validator(mode="after")
+    def _no_open_admin_beyond_loopback(self) -> Settings:
         if self.admin_token is None and not self.allow_insecure_admin and not is_loopback(self.host):
             raise ValueError(
                 f"refusing to listen on {self.host!r} with admin routes (upload/delete) open to the network: "
                 f"set an admin token (--admin-token or {ENV_PREFIX}ADMIN_TOKEN), listen on 127.0.0.1, "
                 f"or pass --allow-insecure-admin")
+        return self
 
 
 def is_loopback(host: str) -> bool:
@@ -85,3 +97,25 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False  # any other host name may resolve to a public interface
+
+
+_CONSTRAINTS = {  # pydantic error type -> what the value must be
+    "greater_than": lambda ctx: "must be a positive integer" if ctx["gt"] == 0 else f"must be > {ctx['gt']}",
+    "greater_than_equal": lambda ctx: f"must be >= {ctx['ge']}",
+    "less_than_equal": lambda ctx: f"must be <= {ctx['le']}",
+}
+
+
+def explain(error: ValidationError) -> str:
+    """A :class:`Settings` error as one line, each problem naming its field:
+    ``max_queue must be a positive integer, got 0``."""
+    problems = []
+    for e in error.errors(include_url=False):
+        field = ".".join(map(str, e["loc"]))
+        if e["type"] == "value_error":  # from a validator above: its message says it all
+            problems.append(str(e["ctx"]["error"]))
+        elif e["type"] in _CONSTRAINTS:
+            problems.append(f"{field} {_CONSTRAINTS[e['type']](e['ctx'])}, got {e['input']!r}")
+        else:
+            problems.append(f"{field}: {e['msg'][:1].lower()}{e['msg'][1:]}, got {e['input']!r}")
+    return "; ".join(problems)
