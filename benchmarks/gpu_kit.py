@@ -23,7 +23,8 @@ import argparse
 import shutil
 from pathlib import Path
 
-from benchmarks.common import DEFAULT_GLUE_DIR, GLUE_DEV, RUNS_DIR
+from benchmarks.glue import GLUE_DEV, default_glue_dir
+from benchmarks.models import RUNS_DIR
 
 KIT_DIR = RUNS_DIR / "gpu_kit"
 TRAVEL_LIMIT_BYTES = 64 << 20  # the device tool's limit for everything that travels
@@ -59,7 +60,8 @@ def folder_bytes(folder: Path) -> int:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--glue-dir", type=Path, default=DEFAULT_GLUE_DIR)
+    p.add_argument("--glue-dir", type=Path, default=default_glue_dir(),
+                   help="GLUE folder (TASK/dev.tsv); env GLUE_DIR, default ../shared/data/glue")
     p.add_argument("--out", type=Path, default=KIT_DIR)
     args = p.parse_args()
     from bitfit_serve.model.base import default_model_path

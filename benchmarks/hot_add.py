@@ -36,7 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import cli, glue, live, models, plotting, timing
 from bitfit_serve import delta as delta_io
 from bitfit_serve.engine import Engine
 
@@ -106,7 +106,7 @@ async def run(url: str, uploads: list[tuple[str, bytes]], resident: list[str], s
             new["attempts"].append(attempts)
             await asyncio.sleep(pause_s)
         wall = time.perf_counter() - began
-        activity = common.forward_activity(before, await asyncio.to_thread(scrape), wall)
+        activity = live.forward_activity(before, await asyncio.to_thread(scrape), wall)
         done.set()
         return activity
 
@@ -120,7 +120,7 @@ async def run(url: str, uploads: list[tuple[str, bytes]], resident: list[str], s
 
 
 def main() -> None:
-    p = common.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--adds", type=int, default=100)
     p.add_argument("--resident", type=int, default=20)
     p.add_argument("--load-clients", type=int, default=4, help="closed-loop load clients (saturate the server)")
@@ -129,24 +129,24 @@ def main() -> None:
     p.add_argument("--pause", type=float, default=0.1, help="seconds between one add's answer and the next PUT")
     p.add_argument("--server-threads", type=int, default=None, help="the server's --threads (default: its own)")
     args = p.parse_args()
-    common.setup(args)
-    load_before = common.load_average()
+    cli.setup(args)
+    load_before = cli.load_average()
     adds = 5 if args.quick else args.adds
     resident_n = 3 if args.quick else args.resident
-    path = common.model_path(args.model)
-    singles, _ = common.split_texts(common.sample_texts(args.glue_dir, 2000, seed=args.seed))
+    path = models.model_path(args.model)
+    singles, _ = glue.split_texts(glue.sample_texts(args.glue_dir, 2000, seed=args.seed))
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
 
-    factory = common.DeltaFactory(path)
+    factory = models.DeltaFactory(path)
     uploads = [(f"hot{i}", delta_io.to_bytes(factory(f"hot{i}", seed=10_000 + i))) for i in range(adds)]
     with tempfile.TemporaryDirectory() as tmp:
         resident = [f"task{i}" for i in range(resident_n)]
-        common.write_task_files(factory, Path(tmp) / "deltas", resident, pair_every=0)
+        models.write_task_files(factory, Path(tmp) / "deltas", resident, pair_every=0)
         threads = ["--threads", str(args.server_threads)] if args.server_threads else []
-        with common.Server(path, Path(tmp) / "deltas", "--device", args.device, "--dtype", dtype, *threads,
-                           log_path=Path(tmp) / "server.log") as server:
+        with live.Server(path, Path(tmp) / "deltas", "--device", args.device, "--dtype", dtype, *threads,
+                         log_path=Path(tmp) / "server.log") as server:
             out = asyncio.run(run(server.url, uploads, resident, singles, args.load_clients, args.load_rate,
-                                  args.pause, args.seed, scrape=lambda: server.metrics(*common.FORWARD_COUNTERS)))
+                                  args.pause, args.seed, scrape=lambda: server.metrics(*live.FORWARD_COUNTERS)))
             command = server.command
 
     engine = Engine.from_pretrained(path, device=args.device, dtype=dtype)
@@ -159,13 +159,13 @@ def main() -> None:
     new_failed = sum(n for s, n in new["statuses"].items() if not s.endswith((" 200", " 201")))
     load_failed = sum(n for s, n in load["statuses"].items() if s != "200")
     summary = {
-        "adds": adds, "upload_ms": common.stats(new["upload_ms"]), "first_prediction_ms": common.stats(new["first_prediction_ms"]),
+        "adds": adds, "upload_ms": timing.stats(new["upload_ms"]), "first_prediction_ms": timing.stats(new["first_prediction_ms"]),
         "failed_requests": {"load_generator": load_failed, "new_tasks": new_failed, "total": load_failed + new_failed},
         "load_generator_requests": load["requests"], "load_generator_req_per_s": load["requests"] / out["wall_s"],
         # What any request waits on this busy server: the first prediction of a new task cannot
         # beat it, so first_prediction - upload is compared with it.
-        "load_request_ms": common.stats(load["latency_ms"]) if load["latency_ms"] else None,
-        "first_prediction_after_upload_ms": common.stats([f - u for f, u in zip(new["first_prediction_ms"],
+        "load_request_ms": timing.stats(load["latency_ms"]) if load["latency_ms"] else None,
+        "first_prediction_after_upload_ms": timing.stats([f - u for f, u in zip(new["first_prediction_ms"],
                                                                                  new["upload_ms"])]),
         "load": load_label,
         "server_during_adds": activity,
@@ -187,14 +187,15 @@ def main() -> None:
               f"{activity['forward_ms_mean']:.1f} ms each")
     print("upload steps in process, no load (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in breakdown.items()))
     print("batch-1 forward in process (median ms): " + ", ".join(f"{k} {v:.1f}" for k, v in forward_ms.items()))
-    common.write_result(args, NAME, {"model": str(path), "server_command": command, "summary": summary,
-                                     "raw": out}, load_before)
+    cli.write_result(args, NAME, {"model": str(path), "server_command": command, "summary": summary,
+                                  "raw": out}, load_before)
     plot(args, new, load_label)
 
 
-def install_breakdown(engine: Engine, factory: common.DeltaFactory, trials: int) -> dict:
-    """Median ms of each step of an upload, in process and without load: what ``DeltaStore.install``
-    costs in all, its fsync'd atomic write, parsing + validating the bytes, ``Engine.add_task``."""
+def install_breakdown(engine: Engine, factory: models.DeltaFactory, trials: int) -> dict:
+    """Median ms of each step of an upload, in process and without load: what parsing the bytes
+    and ``Tasks.install`` into a deltas folder cost in all, its fsync'd atomic write, parsing +
+    validating the bytes, and the in-memory install (``Engine.add_task``, no folder)."""
     from bitfit_serve.store import DeltaStore
 
     data = [delta_io.to_bytes(factory(f"b{i}", seed=20_000 + i)) for i in range(2 * trials)]
@@ -206,17 +207,18 @@ def install_breakdown(engine: Engine, factory: common.DeltaFactory, trials: int)
         steps[step].append((time.perf_counter() - start) * 1e3)
 
     with tempfile.TemporaryDirectory() as tmp:
-        store = DeltaStore(Path(tmp) / "store")
         for i in range(trials):
-            timed("install", lambda: store.install(engine, f"b{i}", data[i]))
+            engine.tasks.use_store(DeltaStore(Path(tmp) / "store"))
+            timed("install", lambda: engine.tasks.install(f"b{i}", delta_io.parse(data[i], source="bench")))
+            engine.tasks.use_store(None)
             b = data[trials + i]
             timed("atomic_write", lambda: delta_io.atomic_write(Path(tmp) / f"w{i}.safetensors", b))
-            timed("parse_validate", lambda: engine.check(delta_io.from_bytes(b, source="bench")))
+            timed("parse_validate", lambda: engine.tasks.check(delta_io.parse(b, source="bench").delta))
             timed("add_task", lambda: engine.add_task(b))
     return {step: statistics.median(v) for step, v in steps.items()}
 
 
-def batch1_forward_after_idle(engine: Engine, factory: common.DeltaFactory, singles: list[str],
+def batch1_forward_after_idle(engine: Engine, factory: models.DeltaFactory, singles: list[str],
                               rounds: int, per_block: int = 20) -> dict:
     """Median ms of a batch-1 forward (one GLUE sentence) run back to back, after 100 ms asleep
     (what a prediction meets on an idle server), and after 100 ms of busy waiting (the CPU kept
@@ -245,7 +247,7 @@ def batch1_forward_after_idle(engine: Engine, factory: common.DeltaFactory, sing
 
 
 def plot(args, new: dict, load_label: str) -> None:
-    fig, (a, b) = common.subplots(2)
+    fig, (a, b) = plotting.subplots(2)
     a.plot(new["upload_ms"], ".", label="upload (PUT round trip)")
     a.plot(new["first_prediction_ms"], "x", label="upload -> first prediction")
     a.axhline(20, color="r", lw=0.8, ls="--", label="target p50 20 ms")
@@ -260,7 +262,7 @@ def plot(args, new: dict, load_label: str) -> None:
     b.set_xlabel("ms")
     b.set_ylabel("fraction of adds")
     b.legend(fontsize=8)
-    common.save_figure(fig, args, NAME, "hot add under load", threads=False, extra=load_label)
+    plotting.save_figure(fig, args, NAME, "hot add under load", threads=False, extra=load_label)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks import common
+from benchmarks import cli, glue, live, models, plotting, timing
 
 NAME = "http_e2e"
 
@@ -62,35 +62,35 @@ async def load_level(url: str, clients: int, duration_s: float, tasks: dict[str,
 
 
 def main() -> None:
-    p = common.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--clients", default="1,16,64")
     p.add_argument("--tasks", type=int, default=100)
     p.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
     args = p.parse_args()
-    common.setup(args)
-    load_before = common.load_average()
+    cli.setup(args)
+    load_before = cli.load_average()
     levels = [1, 4] if args.quick else [int(x) for x in args.clients.split(",")]
     duration = 2.0 if args.quick else args.duration
     n_tasks = 6 if args.quick else args.tasks
-    path = common.model_path(args.model)
-    singles, pairs = common.split_texts(common.sample_texts(args.glue_dir, 4000, seed=args.seed))
+    path = models.model_path(args.model)
+    singles, pairs = glue.split_texts(glue.sample_texts(args.glue_dir, 4000, seed=args.seed))
     dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}.get(args.dtype, args.dtype)
 
     with tempfile.TemporaryDirectory() as tmp:
-        tasks = common.write_task_files(common.DeltaFactory(path), Path(tmp) / "deltas",
+        tasks = models.write_task_files(models.DeltaFactory(path), Path(tmp) / "deltas",
                                         [f"task{i}" for i in range(n_tasks)])
-        with common.Server(path, Path(tmp) / "deltas", "--device", args.device, "--dtype", dtype,
-                           log_path=Path(tmp) / "server.log") as server:
+        with live.Server(path, Path(tmp) / "deltas", "--device", args.device, "--dtype", dtype,
+                         log_path=Path(tmp) / "server.log") as server:
             asyncio.run(load_level(server.url, 2, 1.0, tasks, singles, pairs, seed=1))  # warm-up
             results = {}
             for c in levels:
-                before = server.metrics(*common.FORWARD_COUNTERS)
+                before = server.metrics(*live.FORWARD_COUNTERS)
                 run = asyncio.run(load_level(server.url, c, duration, tasks, singles, pairs, seed=args.seed + c))
-                after = server.metrics(*common.FORWARD_COUNTERS)
-                f_sum, f_count = (after[n] - before[n] for n in common.FORWARD_COUNTERS[:2])
+                after = server.metrics(*live.FORWARD_COUNTERS)
+                f_sum, f_count = (after[n] - before[n] for n in live.FORWARD_COUNTERS[:2])
                 lat = run["latencies_s"]
                 ok = run["statuses"].get("200", 0)
-                s = common.stats(lat)
+                s = timing.stats(lat)
                 mean_latency = sum(lat) / len(lat)
                 results[f"c{c}"] = {
                     "clients": c, "requests": len(lat), "ok": ok, "failed": len(lat) - ok,
@@ -111,15 +111,15 @@ def main() -> None:
                       f"outside forward {r['outside_forward_share_of_latency'] or 0:.2f} of latency")
             command = server.command
 
-    common.write_result(args, NAME, {"model": str(path), "tasks": n_tasks, "server_command": command,
-                                     "duration_s_per_level": duration, "levels": results}, load_before)
+    cli.write_result(args, NAME, {"model": str(path), "tasks": n_tasks, "server_command": command,
+                                  "duration_s_per_level": duration, "levels": results}, load_before)
     plot(args, results)
 
 
 def plot(args, results: dict) -> None:
     levels = list(results.values())
     x = [str(r["clients"]) for r in levels]
-    fig, (a, b, c) = common.subplots(3, width=13)
+    fig, (a, b, c) = plotting.subplots(3, width=13)
     a.bar(x, [r["requests_per_s"] for r in levels])
     a.set_xlabel("concurrent clients")
     a.set_ylabel("requests / s (1 input each)")
@@ -136,7 +136,7 @@ def plot(args, results: dict) -> None:
     c.set_xlabel("concurrent clients")
     c.set_ylabel("share of request latency outside the forward pass")
     c.set_title("overhead")
-    common.save_figure(fig, args, NAME, f"HTTP end to end, {args.tasks} tasks", threads=False)
+    plotting.save_figure(fig, args, NAME, f"HTTP end to end, {args.tasks} tasks", threads=False)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Each measurement runs in a fresh subprocess so nothing of an earlier one stays i
 * ``tasks N``: load the engine and the delta generator, read RSS, add N random BitFit deltas
   (generated one at a time and dropped), read RSS again. Bytes per task = (RSS after - RSS
   before) / N, against the arithmetic size of one bank row at the serving dtype
-  (``Engine.bytes_per_task``: every banked site + the padded head). The bank capacity and bytes
+  (``Tasks.bytes_per_task``: every banked site + the padded head). The bank capacity and bytes
   are recorded too, so over-allocation shows apart from allocator overhead.
 * ``models N`` (N = 1, 2, 4, 8): RSS of N ``AutoModelForSequenceClassification`` copies, each
   holding its own weights as N fine-tuned models would, the no-BitFit way to serve N tasks;
@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks import common
+from benchmarks import cli, models, plotting
 
 NAME = "memory"
 
@@ -44,10 +44,10 @@ def child_tasks(args, n: int) -> dict:
     from bitfit_serve.engine import Engine
     from bitfit_serve.model.banks import release_freed_memory
 
-    path = common.model_path(args.model)
-    dtype = common.torch_dtype(args.dtype)
+    path = models.model_path(args.model)
+    dtype = cli.torch_dtype(args.dtype)
     engine = Engine.from_pretrained(path, device=args.device, dtype=dtype)
-    factory = common.DeltaFactory(path)
+    factory = models.DeltaFactory(path)
     factory("warm-up", seed=0)  # first-call allocations (RNG, safetensors) out of the baseline
     # The banks give freed heap pages back when they grow; do it once before the baseline too, or
     # pages freed while loading would be returned during the adds and counted against them.
@@ -60,8 +60,8 @@ def child_tasks(args, n: int) -> dict:
     add_s = time.perf_counter() - start
     after = rss_bytes()
     engine.predict([(f"task{n - 1}", "a gripping film")] if n else [])  # the last task serves
-    out = {"tasks": n, "rss_before": before, "rss_after": after, "bank_bytes": engine.bank_bytes,
-           "bank_capacity_rows": engine.banks.capacity, "bytes_per_task_arithmetic": engine.bytes_per_task,
+    out = {"tasks": n, "rss_before": before, "rss_after": after, "bank_bytes": engine.tasks.bank_bytes,
+           "bank_capacity_rows": engine.tasks.capacity, "bytes_per_task_arithmetic": engine.tasks.bytes_per_task,
            "add_seconds_total": add_s, "sites_per_task": len(factory.base)}
     if cuda_before is not None:
         out["cuda_allocated_before"] = cuda_before
@@ -70,15 +70,15 @@ def child_tasks(args, n: int) -> dict:
 
 
 def child_models(args, n: int) -> dict:
-    path = common.model_path(args.model)
-    dtype = common.torch_dtype(args.dtype)
-    common.hf_classifier(path, 2, dtype, args.device)  # imports and first-load caches out of the baseline
+    path = models.model_path(args.model)
+    dtype = cli.torch_dtype(args.dtype)
+    models.hf_classifier(path, 2, dtype, args.device)  # imports and first-load caches out of the baseline
     gc.collect()
     before = rss_bytes()
     cuda_before = torch.cuda.memory_allocated() if args.device.startswith("cuda") else None
-    models = [distinct(common.hf_classifier(path, 2, dtype, args.device)) for _ in range(n)]
-    out = {"models": len(models), "rss_before": before, "rss_after": rss_bytes(),
-           "param_bytes_per_model": sum(p.numel() * p.element_size() for p in models[0].parameters()) if n else 0}
+    copies = [distinct(models.hf_classifier(path, 2, dtype, args.device)) for _ in range(n)]
+    out = {"models": len(copies), "rss_before": before, "rss_after": rss_bytes(),
+           "param_bytes_per_model": sum(p.numel() * p.element_size() for p in copies[0].parameters()) if n else 0}
     if cuda_before is not None:
         out["cuda_allocated_before"] = cuda_before
         out["cuda_allocated_after"] = torch.cuda.memory_allocated()
@@ -106,19 +106,19 @@ def run_child(args, kind: str, n: int) -> dict:
 
 
 def main() -> None:
-    p = common.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--tasks", default="0,10,100,1000,10000")
     p.add_argument("--models", default="1,2,4,8", help="full model copies, measured")
     p.add_argument("--extrapolate", default="100,1000,10000", help="full model copies, extrapolated")
     p.add_argument("--child-tasks", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--child-models", type=int, default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    common.setup(args)
+    cli.setup(args)
     if args.child_tasks is not None or args.child_models is not None:
         out = child_tasks(args, args.child_tasks) if args.child_tasks is not None else child_models(args, args.child_models)
         print(json.dumps(out))
         return
-    load_before = common.load_average()
+    load_before = cli.load_average()
     task_counts = [10] if args.quick else [int(x) for x in args.tasks.split(",")]
     model_counts = [1] if args.quick else [int(x) for x in args.models.split(",")]
 
@@ -135,32 +135,32 @@ def main() -> None:
               f"(capacity {r['bank_capacity_rows']})  arithmetic {r['bytes_per_task_arithmetic'] / 1024:.1f} KiB/task"
               + (f"  RSS/task {r['rss_bytes_per_task'] / 1024:.1f} KiB = {r['rss_over_arithmetic']:.2f}x" if n else ""))
 
-    models = []
+    copies = []
     for n in model_counts:
         r = run_child(args, "models", n)
         r["rss_delta"] = r["rss_after"] - r["rss_before"]
-        models.append(r)
+        copies.append(r)
         print(f"{n:6d} full models: RSS +{r['rss_delta'] / 2**20:8.1f} MiB")
-    per_model = (models[-1]["rss_delta"] - models[0]["rss_delta"]) / (models[-1]["models"] - models[0]["models"]) \
-        if len(models) > 1 else models[0]["rss_delta"]
-    extrapolated = [{"models": n, "rss_delta_extrapolated": models[0]["rss_delta"] + per_model * (n - models[0]["models"]),
+    per_model = (copies[-1]["rss_delta"] - copies[0]["rss_delta"]) / (copies[-1]["models"] - copies[0]["models"]) \
+        if len(copies) > 1 else copies[0]["rss_delta"]
+    extrapolated = [{"models": n, "rss_delta_extrapolated": copies[0]["rss_delta"] + per_model * (n - copies[0]["models"]),
                      "label": "extrapolated"} for n in (int(x) for x in args.extrapolate.split(","))]
 
-    common.write_result(args, NAME, {
-        "model": str(common.model_path(args.model)), "resident_tasks": tasks, "full_models_measured": models,
+    cli.write_result(args, NAME, {
+        "model": str(models.model_path(args.model)), "resident_tasks": tasks, "full_models_measured": copies,
         "full_model_rss_slope_bytes": per_model, "full_models_extrapolated": extrapolated,
     }, load_before)
-    plot(args, tasks, models, extrapolated)
+    plot(args, tasks, copies, extrapolated)
 
 
-def plot(args, tasks: list[dict], models: list[dict], extrapolated: list[dict]) -> None:
-    fig, (a, b) = common.subplots(2)
+def plot(args, tasks: list[dict], copies: list[dict], extrapolated: list[dict]) -> None:
+    fig, (a, b) = plotting.subplots(2)
     measured = [t for t in tasks if t["tasks"]]
     n = [t["tasks"] for t in measured]
     a.loglog(n, [t["rss_delta"] / 2**20 for t in measured], "o-", label="engine: RSS growth, measured")
     a.loglog(n, [t["tasks"] * t["bytes_per_task_arithmetic"] / 2**20 for t in measured], "k--",
              label="engine: arithmetic (bank rows)")
-    a.loglog([m["models"] for m in models], [m["rss_delta"] / 2**20 for m in models], "s-", label="N full models, measured")
+    a.loglog([m["models"] for m in copies], [m["rss_delta"] / 2**20 for m in copies], "s-", label="N full models, measured")
     a.loglog([m["models"] for m in extrapolated], [m["rss_delta_extrapolated"] / 2**20 for m in extrapolated], "s:",
              label="N full models, extrapolated")
     a.set_xlabel("resident tasks")
@@ -173,7 +173,7 @@ def plot(args, tasks: list[dict], models: list[dict], extrapolated: list[dict]) 
     b.set_xlabel("resident tasks")
     b.set_ylabel("ratio")
     b.legend(fontsize=8)
-    common.save_figure(fig, args, NAME, "memory per task", threads=False)
+    plotting.save_figure(fig, args, NAME, "memory per task", threads=False)
 
 
 if __name__ == "__main__":

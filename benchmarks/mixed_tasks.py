@@ -17,70 +17,70 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from benchmarks import common
+from benchmarks import cli, glue, models, plotting, timing
 from bitfit_serve.engine import Engine
 
 NAME = "mixed_tasks"
 
 
 def main() -> None:
-    p = common.parser(__doc__)
+    p = cli.parser(__doc__)
     p.add_argument("--batch-sizes", default="1,8,32,128")
     p.add_argument("--tasks", default="8,64,512", help="distinct tasks the rows are drawn from")
     args = p.parse_args()
-    common.setup(args)
-    load_before = common.load_average()
+    cli.setup(args)
+    load_before = cli.load_average()
     reps = args.reps or (2 if args.quick else 8)
     mixes = [2, 8] if args.quick else [int(x) for x in args.tasks.split(",")]
     batch_sizes = [1, 8] if args.quick else [int(x) for x in args.batch_sizes.split(",")]
-    path = common.model_path(args.model)
-    engine = Engine.from_pretrained(path, device=args.device, dtype=common.torch_dtype(args.dtype))
-    deltas = common.DeltaFactory(path)
+    path = models.model_path(args.model)
+    engine = Engine.from_pretrained(path, device=args.device, dtype=cli.torch_dtype(args.dtype))
+    deltas = models.DeltaFactory(path)
     rows = [engine.add_task(deltas(f"task{i}", seed=i)).row for i in range(max(mixes))]
-    texts = common.tokenize(engine.base.tokenizer, common.sample_texts(args.glue_dir, 2000, seed=args.seed))
+    texts = glue.tokenize(engine.base.tokenizer, glue.sample_texts(args.glue_dir, 2000, seed=args.seed))
     pad_id = engine.base.config.pad_token_id
 
-    def runner(k: int | None, batches: list[common.Batch]):
+    def runner(k: int | None, batches: list[glue.Batch]):
         """k tasks round-robin (None: one task through the per-row gather path)."""
         state = {"offset": 0}
 
-        def call(batch: common.Batch):
+        def call(batch: glue.Batch):
             b = batch.shape[0]
             if k is None:
-                eb = replace(common.engine_batch(engine, batch, [rows[0]] * b), single_row=None)
+                eb = replace(models.engine_batch(engine, batch, [rows[0]] * b), single_row=None)
             else:
                 chosen = [rows[(state["offset"] + i) % k] for i in range(b)]
                 state["offset"] = (state["offset"] + b) % k
-                eb = common.engine_batch(engine, batch, chosen)
+                eb = models.engine_batch(engine, batch, chosen)
             return engine.forward(eb)
 
-        return common.cycling(call, batches)
+        return timing.cycling(call, batches)
 
     results = {}
     for b in batch_sizes:
-        batches = common.batches_of(texts, b, 4, pad_id, args.device, seed=args.seed + b)
+        batches = glue.batches_of(texts, b, 4, pad_id, args.device, seed=args.seed + b)
         variants = {"1": runner(1, batches), "1_gather": runner(None, batches)}
         variants.update({str(k): runner(k, batches) for k in mixes})
         cpu: dict[str, list[float]] = {}
-        times = common.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
-        case = {"batch_shapes": [x.shape for x in batches], **common.summarize_variants(times, cpu, b)}
+        times = timing.interleave(variants, reps=reps, device=args.device, cpu_out=cpu)
+        case = {"batch_shapes": [x.shape for x in batches], **timing.summarize_variants(times, cpu, b)}
         for v in times:
             case[v]["distinct_tasks_per_batch"] = 1 if v in ("1", "1_gather") else min(int(v), b)
             case[v]["ratio_vs_one_task"] = case[v]["seq_per_s"] / case["1"]["seq_per_s"]
             case[v]["cpu_ratio_vs_one_task"] = case["1"]["cpu_median_s"] / case[v]["cpu_median_s"]
-            case[v]["paired_ratio_vs_one_task"] = common.paired_ratio(times["1"], times[v])
+            case[v]["paired_ratio_vs_one_task"] = timing.paired_ratio(times["1"], times[v])
         results[f"b{b}"] = case
         print(f"batch {b:4d}: " + "  ".join(f"{v}: {case[v]['seq_per_s']:.1f} seq/s ({case[v]['ratio_vs_one_task']:.3f}x, "
                                            f"paired {case[v]['paired_ratio_vs_one_task']:.3f}x)"
                                            for v in times))
 
-    common.write_result(args, NAME, {"model": str(path), "resident_tasks": len(rows), "cases": results}, load_before)
+    cli.write_result(args, NAME, {"model": str(path), "resident_tasks": len(rows), "cases": results}, load_before)
     plot(args, results)
 
 
 def plot(args, results: dict) -> None:
     variants = [v for v in next(iter(results.values())) if v != "batch_shapes"]
-    fig, (a, b) = common.subplots(2)
+    fig, (a, b) = plotting.subplots(2)
     x = list(range(len(results)))
     width = 0.8 / len(variants)
     for j, v in enumerate(variants):
@@ -97,7 +97,7 @@ def plot(args, results: dict) -> None:
     b.axhline(0.98, color="r", lw=0.8, ls="--", label="target 0.98x")
     b.set_ylim(0.8, 1.1)
     b.legend(fontsize=7, ncol=2)
-    common.save_figure(fig, args, NAME, "mixed-task overhead")
+    plotting.save_figure(fig, args, NAME, "mixed-task overhead")
 
 
 if __name__ == "__main__":

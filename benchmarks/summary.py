@@ -12,7 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from benchmarks.common import RESULTS_DIR
+from benchmarks.cli import RESULTS_DIR
 
 
 # hot_add runs kept beside the default (4 closed-loop clients): open-loop 20 req/s, no load.

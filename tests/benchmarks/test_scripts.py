@@ -6,10 +6,11 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import pytest
 
-from benchmarks import common
+from benchmarks import glue, live, models, timing
 
 SCRIPTS = ["vs_hf", "mixed_tasks", "vs_swap", "vs_lora", "memory", "hot_add", "http_e2e"]
 
@@ -19,9 +20,9 @@ SENTENCES = ["a gripping , beautifully made film .", "the plot is thin", "Nobody
 
 @pytest.fixture(scope="module")
 def glue_dir(tmp_path_factory):
-    """The dev files ``benchmarks.common.GLUE_DEV`` reads, a few rows each, in GLUE's layouts."""
+    """The dev files ``benchmarks.glue.GLUE_DEV`` reads, a few rows each, in GLUE's layouts."""
     root = tmp_path_factory.mktemp("glue")
-    for task, (file, columns, header) in common.GLUE_DEV.items():
+    for task, (file, columns, header) in glue.GLUE_DEV.items():
         path = root / file
         path.parent.mkdir(parents=True, exist_ok=True)
         width = max(columns) + 1
@@ -37,9 +38,20 @@ def glue_dir(tmp_path_factory):
 
 
 def test_glue_reader_keeps_singles_and_pairs(glue_dir):
-    texts = common.glue_dev_texts(glue_dir)
+    texts = glue.glue_dev_texts(glue_dir)
     assert all(isinstance(t, str) for t in texts["SST-2"] + texts["CoLA"])
     assert all(isinstance(t, tuple) and len(t) == 2 for t in texts["RTE"] + texts["MRPC"])
+
+
+def test_glue_folder_is_the_option_else_env_glue_dir_else_relative_to_the_working_directory(monkeypatch, tmp_path):
+    """The rule of ``bitfit-train``: no machine's path is built in."""
+    from benchmarks import cli
+
+    monkeypatch.delenv("GLUE_DIR", raising=False)
+    assert cli.parser("").parse_args([]).glue_dir == Path("../shared/data/glue")
+    monkeypatch.setenv("GLUE_DIR", str(tmp_path))
+    assert cli.parser("").parse_args([]).glue_dir == tmp_path
+    assert cli.parser("").parse_args(["--glue-dir", "elsewhere"]).glue_dir == Path("elsewhere")
 
 
 @pytest.mark.parametrize("name", SCRIPTS)
@@ -95,28 +107,28 @@ def test_server_is_not_fooled_by_another_process_on_its_port(tiny_bert_dir, tmp_
 
     other = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
     threading.Thread(target=other.serve_forever, daemon=True).start()
-    monkeypatch.setattr(common, "free_port", lambda: other.server_address[1])
+    monkeypatch.setattr(live, "free_port", lambda: other.server_address[1])
     try:
         with pytest.raises(SystemExit, match="server exited"):
-            common.Server(tiny_bert_dir, tmp_path / "deltas", timeout_s=120)
+            live.Server(tiny_bert_dir, tmp_path / "deltas", timeout_s=120)
     finally:
         other.shutdown()
 
 
 def test_percentile_is_nearest_rank():
     values = list(range(100, 0, -1))  # 1..100, unsorted
-    assert [common.percentile(values, q) for q in (0, 1, 50, 99, 100)] == [1, 1, 50, 99, 100]
-    assert common.percentile(list(range(1, 51)), 50) == 25 and common.percentile([7.0], 99) == 7.0
-    assert common.percentile([1, 2, 3], 50) == 2
+    assert [timing.percentile(values, q) for q in (0, 1, 50, 99, 100)] == [1, 1, 50, 99, 100]
+    assert timing.percentile(list(range(1, 51)), 50) == 25 and timing.percentile([7.0], 99) == 7.0
+    assert timing.percentile([1, 2, 3], 50) == 2
 
 
 def test_forward_activity_is_the_difference_of_two_scrapes():
-    names = common.FORWARD_COUNTERS  # seconds, passes, sequences
+    names = live.FORWARD_COUNTERS  # seconds, passes, sequences
     before = dict(zip(names, (1.0, 10, 30)))
     after = dict(zip(names, (1.5, 20, 50)))
-    assert common.forward_activity(before, after, wall_s=2.0) == {
+    assert live.forward_activity(before, after, wall_s=2.0) == {
         "forward_passes": 10, "forward_ms_mean": 50.0, "sequences_per_forward": 2.0, "forward_busy_share": 0.25}
-    assert common.forward_activity(before, before, wall_s=2.0)["forward_ms_mean"] is None
+    assert live.forward_activity(before, before, wall_s=2.0)["forward_ms_mean"] is None
 
 
 def test_summary_lists_every_target_even_without_results(tmp_path):
@@ -131,10 +143,10 @@ def test_paired_ratio_is_the_median_of_per_repetition_speed_ratios():
     # twice as slow, one pair of them a further 50% (both sides of a pair are hit alike).
     reference = [1.0, 1.0, 2.0, 2.0, 3.0]
     variant = [1.1, 1.1, 2.2, 2.2, 3.3]
-    assert common.paired_ratio(reference, variant) == pytest.approx(1 / 1.1)
-    assert common.paired_ratio(variant, reference) == pytest.approx(1.1)
+    assert timing.paired_ratio(reference, variant) == pytest.approx(1 / 1.1)
+    assert timing.paired_ratio(variant, reference) == pytest.approx(1.1)
     with pytest.raises(AssertionError):
-        common.paired_ratio(reference, variant[:-1])
+        timing.paired_ratio(reference, variant[:-1])
 
 
 def test_gpu_kit_writes_an_fp16_model_the_engine_serves_and_the_glue_files_read(tiny_bert_dir, glue_dir, tmp_path,
@@ -149,13 +161,13 @@ def test_gpu_kit_writes_an_fp16_model_the_engine_serves_and_the_glue_files_read(
     gpu_kit.copy_glue_dev(glue_dir, tmp_path / "glue")
     weights = load_file(tmp_path / "model" / gpu_kit.WEIGHTS)
     assert {t.dtype for t in weights.values() if t.is_floating_point()} == {torch.float16}
-    assert common.glue_dev_texts(tmp_path / "glue") == common.glue_dev_texts(glue_dir)
-    monkeypatch.setenv(common.MINILM_ENV, str(tmp_path / "model"))
-    assert common.model_path("minilm") == tmp_path / "model"  # what gpu_run.sh points the scripts at
+    assert glue.glue_dev_texts(tmp_path / "glue") == glue.glue_dev_texts(glue_dir)
+    monkeypatch.setenv(models.MINILM_ENV, str(tmp_path / "model"))
+    assert models.model_path("minilm") == tmp_path / "model"  # what gpu_run.sh points the scripts at
 
     texts = SENTENCES[:3]
     kit, original = Engine.from_pretrained(tmp_path / "model"), Engine.from_pretrained(tiny_bert_dir)
     for engine, folder in ((kit, tmp_path / "model"), (original, tiny_bert_dir)):
-        engine.add_task(common.DeltaFactory(folder)("t", seed=0))  # a delta names its base's fingerprint
+        engine.add_task(models.DeltaFactory(folder)("t", seed=0))  # a delta names its base's fingerprint
     for a, b in zip(kit.predict([("t", x) for x in texts]), original.predict([("t", x) for x in texts])):
         assert abs(a.score - b.score) < 1e-2  # fp16 weights, fp32 compute: close, not equal

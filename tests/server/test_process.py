@@ -11,7 +11,7 @@ import time
 
 import httpx
 
-from benchmarks.common import free_port, listens
+from benchmarks.live import free_port, listens
 from tests.server.conftest import write_delta
 
 
