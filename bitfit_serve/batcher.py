@@ -6,7 +6,7 @@ Life of a request (one HTTP call, any number of tasks):
 1. admission, on the event loop: while the queue is full the server refuses the request before
    reading its body; then, if the sequences waiting plus this request's exceed ``max_queue``,
    Overloaded (503 + Retry-After) at once, before any work;
-2. ``registry.acquire`` pins the current version of every task once, so the whole request is
+2. ``tasks.acquire`` pins the current version of every task once, so the whole request is
    served by those versions even if a task is replaced meanwhile (its row is not freed while
    pinned); UnknownTask here is a 404;
 3. tokenization in a one-thread pool (the fast tokenizer's truncation state is not safe to share
@@ -30,7 +30,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from bitfit_serve.engine import EncodedInput, Engine, Prediction, TextInput
+from bitfit_serve.engine import Engine, Prediction
+from bitfit_serve.inputs import EncodedInput, TextInput
 from bitfit_serve.errors import InvalidInput, NotReady, Overloaded
 from bitfit_serve.metrics import Metrics
 from bitfit_serve.registry import TaskVersion
@@ -141,7 +142,7 @@ class Batcher:
         loop = asyncio.get_running_loop()
         request = None
         try:
-            versions = self.engine.registry.acquire(task for task, inputs in groups for _ in inputs)
+            versions = self.engine.tasks.acquire(task for task, inputs in groups for _ in inputs)
             try:
                 encoded = await loop.run_in_executor(self._tokenizer, self._tokenize, versions, groups)
                 request = _Request(loop, loop.create_future(), versions, [len(i) for _, i in groups],
@@ -154,7 +155,7 @@ class Batcher:
                     self._cond.notify()
             except BaseException:
                 request = None
-                self.engine.registry.release(versions)
+                self.engine.tasks.release(versions)
                 raise
         finally:
             if request is None:
@@ -258,7 +259,7 @@ class Batcher:
             request.results[seq.index] = prediction
         request.remaining -= 1
         if request.remaining == 0:
-            self.engine.registry.release(request.versions)
+            self.engine.tasks.release(request.versions)
             if request.error is None:
                 _settle(request)
 

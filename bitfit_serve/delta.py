@@ -8,20 +8,25 @@ Layout (see docs/delta-format.md for the full contract):
 * ``__metadata__``: string map with ``format``, ``task``, ``labels`` (JSON), ``problem_type``,
   ``pooling``, ``base_fingerprint``, ``architecture`` and the rest of :class:`Delta`'s fields.
 
-Parsing never unpickles and checks everything before anything is used; every error names the
-offending field. Checks that need the base model (fingerprint, known sites, shapes) live in
-:func:`check_compatible`.
+:func:`parse` turns bytes from the wire or the disk into a :class:`DeltaFile` (the delta, its
+bytes and their sha256, which is the served version) and checks everything that needs no base
+model; it never unpickles and every error names the offending field. Checks that need the base
+model (fingerprint, known sites, shapes) live in :func:`check_compatible`.
+
+(About 400 lines, on purpose: the format's records, its parser and its writer change together
+whenever the format does, and every malformed-file rule sits next to the field it guards.)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
 import re
 import struct
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -29,7 +34,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from bitfit_serve.errors import BaseModelMismatch, InvalidDelta
+from bitfit_serve.errors import BaseModelMismatch, InvalidDelta, InvalidInput
 
 FORMAT = "bitfit-delta/1"
 HEAD_WEIGHT = "head.weight"
@@ -45,7 +50,15 @@ MAX_LENGTH_RE = re.compile(r"[0-9]{1,5}")  # ASCII digits only: str.isdigit() al
 
 
 def is_task_name(name: str) -> bool:
-    return TASK_NAME_RE.fullmatch(name) is not None
+    return isinstance(name, str) and TASK_NAME_RE.fullmatch(name) is not None
+
+
+def check_task_name(task: str) -> str:
+    """Raise InvalidInput unless ``task`` may be a task name (and so a file name and URL segment)."""
+    if not is_task_name(task):
+        raise InvalidInput(f"task name {task!r} is not allowed: use 1-64 characters from "
+                           f"[A-Za-z0-9_.-], starting with a letter or digit")
+    return task
 
 
 _REQUIRED_METADATA = ("format", "task", "labels", "problem_type", "pooling", "base_fingerprint",
@@ -53,13 +66,13 @@ _REQUIRED_METADATA = ("format", "task", "labels", "problem_type", "pooling", "ba
 
 
 @dataclass(frozen=True)
-class Delta:
-    """One task version in memory. ``sites`` maps HF base names to trained values (fp32, 1-D)."""
+class DeltaMeta:
+    """What a task version is, apart from its tensors: the file's ``__metadata__``, parsed.
+
+    One record, held by :class:`Delta` and by the registry's ``TaskVersion``; the HTTP and CLI
+    views are built from it. Checked on construction, so a ``DeltaMeta`` in memory is sane."""
 
     task: str
-    sites: Mapping[str, torch.Tensor]
-    head_weight: torch.Tensor  # [C, H]
-    head_bias: torch.Tensor  # [C]
     labels: tuple[str, ...]
     problem_type: str
     pooling: str
@@ -75,7 +88,26 @@ class Delta:
     trainer_version: str = ""
 
     def __post_init__(self) -> None:
-        _check_fields(self)
+        object.__setattr__(self, "labels", tuple(self.labels))
+        object.__setattr__(self, "inputs", tuple(self.inputs))
+        if not is_task_name(self.task):
+            raise InvalidDelta(f"task: {self.task!r} is not a valid task name (pattern {TASK_NAME_RE.pattern})")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise InvalidDelta(f"problem_type: {self.problem_type!r} is not one of {PROBLEM_TYPES}")
+        if self.pooling not in POOLINGS:
+            raise InvalidDelta(f"pooling: {self.pooling!r} is not one of {POOLINGS}")
+        if not self.labels or not all(isinstance(x, str) and x for x in self.labels):
+            raise InvalidDelta("labels: must be a non-empty list of non-empty strings")
+        if len(set(self.labels)) != len(self.labels):
+            raise InvalidDelta(f"labels: duplicate label names in {list(self.labels)}")
+        if self.problem_type == "regression" and len(self.labels) != 1:
+            raise InvalidDelta(f"labels: a regression task has exactly one output, got {len(self.labels)}")
+        if self.problem_type == "single_label_classification" and len(self.labels) < 2:
+            raise InvalidDelta("labels: single-label classification needs at least two labels")
+        if len(self.inputs) not in (1, 2) or not all(isinstance(x, str) and x for x in self.inputs):
+            raise InvalidDelta(f"inputs: must name one or two text fields, got {list(self.inputs)}")
+        if not isinstance(self.max_length, int) or not 2 <= self.max_length <= MAX_LENGTH_LIMIT:
+            raise InvalidDelta(f"max_length: {self.max_length!r} must be an integer in [2, {MAX_LENGTH_LIMIT}]")
 
     @property
     def num_labels(self) -> int:
@@ -85,13 +117,8 @@ class Delta:
     def is_pair_task(self) -> bool:
         return len(self.inputs) == 2
 
-    @property
-    def nbytes(self) -> int:
-        """Bytes of trained values (fp32), the figure that scales with the number of tasks."""
-        tensors = [*self.sites.values(), self.head_weight, self.head_bias]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def metadata(self) -> dict[str, str]:
+    def to_metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` string map."""
         return {
             "format": FORMAT,
             "task": self.task,
@@ -110,27 +137,79 @@ class Delta:
             "trainer_version": self.trainer_version,
         }
 
+    @classmethod
+    def from_metadata(cls, meta: Mapping[str, str], source: str = "<bytes>") -> "DeltaMeta":
+        missing = [k for k in _REQUIRED_METADATA if k not in meta]
+        if missing:
+            raise InvalidDelta(f"{source}: metadata field(s) missing: {', '.join(missing)}")
+        if meta["format"] != FORMAT:
+            raise InvalidDelta(f"format: unsupported format version {meta['format']!r} (this server reads {FORMAT!r})")
+        max_length = meta.get("max_length", "128")
+        if not MAX_LENGTH_RE.fullmatch(max_length):
+            raise InvalidDelta(f"max_length: {max_length!r} is not an integer of at most 5 digits")
+        return cls(
+            task=meta["task"],
+            labels=tuple(_json_field(meta, "labels", list)),
+            problem_type=meta["problem_type"],
+            pooling=meta["pooling"],
+            base_fingerprint=meta["base_fingerprint"],
+            architecture=meta["architecture"],
+            base_model=meta.get("base_model", ""),
+            inputs=tuple(_json_field(meta, "inputs", list, default=["text"])),
+            max_length=int(max_length),
+            scheme=meta.get("scheme", ""),
+            metrics=_json_field(meta, "metrics", dict, default={}),
+            train_args=_json_field(meta, "train_args", dict, default={}),
+            created_at=meta.get("created_at", ""),
+            trainer_version=meta.get("trainer_version", ""),
+        )
 
-def _check_fields(d: Delta) -> None:
-    """Checks that need no base model. Runs on construction, so a Delta in memory is always sane."""
-    if not isinstance(d.task, str) or not is_task_name(d.task):
-        raise InvalidDelta(f"task: {d.task!r} is not a valid task name (pattern {TASK_NAME_RE.pattern})")
-    if d.problem_type not in PROBLEM_TYPES:
-        raise InvalidDelta(f"problem_type: {d.problem_type!r} is not one of {PROBLEM_TYPES}")
-    if d.pooling not in POOLINGS:
-        raise InvalidDelta(f"pooling: {d.pooling!r} is not one of {POOLINGS}")
-    if not d.labels or not all(isinstance(x, str) and x for x in d.labels):
-        raise InvalidDelta("labels: must be a non-empty list of non-empty strings")
-    if len(set(d.labels)) != len(d.labels):
-        raise InvalidDelta(f"labels: duplicate label names in {list(d.labels)}")
-    if d.problem_type == "regression" and len(d.labels) != 1:
-        raise InvalidDelta(f"labels: a regression task has exactly one output, got {len(d.labels)}")
-    if d.problem_type == "single_label_classification" and len(d.labels) < 2:
-        raise InvalidDelta("labels: single-label classification needs at least two labels")
-    if len(d.inputs) not in (1, 2) or not all(isinstance(x, str) and x for x in d.inputs):
-        raise InvalidDelta(f"inputs: must name one or two text fields, got {list(d.inputs)}")
-    if not isinstance(d.max_length, int) or not 2 <= d.max_length <= MAX_LENGTH_LIMIT:
-        raise InvalidDelta(f"max_length: {d.max_length!r} must be an integer in [2, {MAX_LENGTH_LIMIT}]")
+
+META_FIELDS = frozenset(f.name for f in fields(DeltaMeta))
+
+
+@dataclass(frozen=True)
+class Delta:
+    """One task version in memory: its metadata plus its tensors. ``sites`` maps HF base names to
+    trained values (fp32, 1-D). Metadata reads through: ``delta.labels`` is ``delta.meta.labels``."""
+
+    meta: DeltaMeta
+    sites: Mapping[str, torch.Tensor]
+    head_weight: torch.Tensor  # [C, H]
+    head_bias: torch.Tensor  # [C]
+
+    def __post_init__(self) -> None:
+        _check_tensors(self)
+
+    @classmethod
+    def of(cls, *, sites: Mapping[str, torch.Tensor], head_weight: torch.Tensor, head_bias: torch.Tensor,
+           **meta: Any) -> "Delta":
+        """Build from flat keywords: the tensors plus :class:`DeltaMeta`'s fields."""
+        return cls(DeltaMeta(**meta), sites, head_weight, head_bias)
+
+    def replace(self, **changes: Any) -> "Delta":
+        """A copy with some tensors and/or metadata fields changed (checked again)."""
+        meta = {k: v for k, v in changes.items() if k in META_FIELDS}
+        rest = {k: v for k, v in changes.items() if k not in META_FIELDS}
+        return dataclasses.replace(self, meta=dataclasses.replace(self.meta, **meta) if meta else self.meta, **rest)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in META_FIELDS or name in ("num_labels", "is_pair_task"):
+            return getattr(self.meta, name)
+        raise AttributeError(f"'Delta' object has no attribute {name!r}")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of trained values (fp32), the figure that scales with the number of tasks."""
+        tensors = [*self.sites.values(), self.head_weight, self.head_bias]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def metadata(self) -> dict[str, str]:
+        return self.meta.to_metadata()
+
+
+def _check_tensors(d: Delta) -> None:
+    """Checks of the tensors that need no base model (the metadata checked itself)."""
     for name, t in [*d.sites.items(), (HEAD_WEIGHT, d.head_weight), (HEAD_BIAS, d.head_bias)]:
         if not isinstance(t, torch.Tensor):
             raise InvalidDelta(f"{name}: not a tensor")
@@ -144,8 +223,32 @@ def _check_fields(d: Delta) -> None:
     if d.head_weight.dim() != 2 or d.head_bias.dim() != 1:
         raise InvalidDelta(f"head: expected head.weight [C, H] and head.bias [C], got "
                            f"{list(d.head_weight.shape)} and {list(d.head_bias.shape)}")
-    if d.head_weight.shape[0] != len(d.labels) or d.head_bias.shape[0] != len(d.labels):
-        raise InvalidDelta(f"head: {d.head_weight.shape[0]} output rows but {len(d.labels)} labels")
+    if d.head_weight.shape[0] != len(d.meta.labels) or d.head_bias.shape[0] != len(d.meta.labels):
+        raise InvalidDelta(f"head: {d.head_weight.shape[0]} output rows but {len(d.meta.labels)} labels")
+
+
+@dataclass(frozen=True)
+class DeltaFile:
+    """A delta with the exact bytes it came from (the wire or the disk) and their sha256: the
+    version a server serves is the file's hash, so both travel together from parse to publish."""
+
+    delta: Delta
+    data: bytes
+    sha256: str
+
+    @property
+    def version(self) -> str:
+        return self.sha256[:16]
+
+    @classmethod
+    def of(cls, delta: Delta) -> "DeltaFile":
+        """Serialize a delta built in memory (the trainer, tests)."""
+        data = to_bytes(delta)
+        return cls(delta, data, sha256_bytes(data))
+
+    def renamed(self, task: str) -> "DeltaFile":
+        """The same delta under another task name (re-serialized: the bytes, so the version, change)."""
+        return self if self.delta.task == task else DeltaFile.of(self.delta.replace(task=task))
 
 
 # ----------------------------------------------------------------------------- serialization
@@ -196,13 +299,18 @@ def atomic_write(path: Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
-def load(path: str | os.PathLike) -> Delta:
+def read(path: str | os.PathLike) -> DeltaFile:
+    """Read and parse a delta file."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except OSError as e:
         raise InvalidDelta(f"cannot read delta file {path}: {e.strerror}") from e
-    return from_bytes(data, source=str(path))
+    return parse(data, source=str(path))
+
+
+def load(path: str | os.PathLike) -> Delta:
+    return read(path).delta
 
 
 def read_header(data: bytes, source: str = "<bytes>") -> tuple[dict[str, Any], dict[str, str]]:
@@ -239,14 +347,11 @@ def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return dict(pairs)
 
 
-def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
-    """Parse and validate a delta file. Raises InvalidDelta naming the problem."""
+def parse(data: bytes, source: str = "<bytes>") -> DeltaFile:
+    """Parse and validate a delta file's bytes, once: everything that needs no base model.
+    Raises InvalidDelta naming the problem."""
     header, meta = read_header(data, source)
-    missing = [k for k in _REQUIRED_METADATA if k not in meta]
-    if missing:
-        raise InvalidDelta(f"{source}: metadata field(s) missing: {', '.join(missing)}")
-    if meta["format"] != FORMAT:
-        raise InvalidDelta(f"format: unsupported format version {meta['format']!r} (this server reads {FORMAT!r})")
+    parsed_meta = DeltaMeta.from_metadata(meta, source)
     for name, entry in header.items():
         if not isinstance(entry, dict) or entry.get("dtype") != "F32":
             dtype = entry.get("dtype") if isinstance(entry, dict) else entry
@@ -258,31 +363,9 @@ def from_bytes(data: bytes, source: str = "<bytes>") -> Delta:
         tensors = st_load(data)
     except Exception as e:  # safetensors raises its own error types for every malformation
         raise InvalidDelta(f"{source}: not a valid safetensors file: {e}") from e
-
-    labels = _json_field(meta, "labels", list)
-    inputs = _json_field(meta, "inputs", list, default=["text"])
-    max_length = meta.get("max_length", "128")
-    if not MAX_LENGTH_RE.fullmatch(max_length):
-        raise InvalidDelta(f"max_length: {max_length!r} is not an integer of at most 5 digits")
-    return Delta(
-        task=meta["task"],
-        sites={k: v for k, v in tensors.items() if k not in (HEAD_WEIGHT, HEAD_BIAS)},
-        head_weight=tensors[HEAD_WEIGHT],
-        head_bias=tensors[HEAD_BIAS],
-        labels=tuple(labels),
-        problem_type=meta["problem_type"],
-        pooling=meta["pooling"],
-        base_fingerprint=meta["base_fingerprint"],
-        architecture=meta["architecture"],
-        base_model=meta.get("base_model", ""),
-        inputs=tuple(inputs),
-        max_length=int(max_length),
-        scheme=meta.get("scheme", ""),
-        metrics=_json_field(meta, "metrics", dict, default={}),
-        train_args=_json_field(meta, "train_args", dict, default={}),
-        created_at=meta.get("created_at", ""),
-        trainer_version=meta.get("trainer_version", ""),
-    )
+    delta = Delta(parsed_meta, {k: v for k, v in tensors.items() if k not in (HEAD_WEIGHT, HEAD_BIAS)},
+                  tensors[HEAD_WEIGHT], tensors[HEAD_BIAS])
+    return DeltaFile(delta, bytes(data), sha256_bytes(data))
 
 
 def _json_field(meta: Mapping[str, str], key: str, kind: type, default: Any = None) -> Any:
@@ -319,22 +402,6 @@ def check_compatible(delta: Delta, *, fingerprint: str, architecture: str,
         raise InvalidDelta(f"head.weight: input size {delta.head_weight.shape[1]} does not match hidden size {hidden_size}")
     if delta.pooling == "pooler" and "pooler.dense.bias" not in site_shapes:
         raise InvalidDelta("pooling: 'pooler' requested but the base model has no pooler")
-
-
-def base_fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
-    """sha256 over the frozen base tensors in sorted-name order: name, dtype, shape, bytes.
-
-    Computed on the checkpoint's own dtype (before any cast to the serving dtype), so a delta
-    trained in fp32 matches a server that runs fp16.
-    """
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(name.encode())
-        h.update(str(t.dtype).encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def sha256_bytes(data: bytes) -> str:

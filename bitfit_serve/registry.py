@@ -11,37 +11,45 @@ import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Mapping
+from typing import Callable, Iterable
 
+from bitfit_serve.delta import DeltaMeta
 from bitfit_serve.errors import UnknownTask
 
 
 @dataclass(frozen=True)
 class TaskVersion:
-    """What serving needs to know about one loaded task version (its tensors live in the banks)."""
+    """One loaded task version: its delta's metadata, where its tensors live (a bank row), and
+    what it is (the file's sha256). Serving reads ``meta``; nothing is copied out of it."""
 
-    task: str
-    version: str  # first 16 hex digits of the delta file's sha256
-    sha256: str
+    meta: DeltaMeta
+    sha256: str  # of the delta file
     row: int
-    labels: tuple[str, ...]
-    problem_type: str
-    pooling: str
-    inputs: tuple[str, ...]
-    max_length: int
-    scheme: str
+    max_length: int  # the delta's max_length, capped at the base's positions
     sites: tuple[str, ...]
     nbytes: int  # fp32 bytes of the trained values
-    base_model: str
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-    train_args: Mapping[str, Any] = field(default_factory=dict)
-    created_at: str = ""
-    trainer_version: str = ""
     loaded_at: float = field(default_factory=time.time)
 
     @property
+    def task(self) -> str:
+        return self.meta.task
+
+    @property
+    def version(self) -> str:
+        """First 16 hex digits of the delta file's sha256."""
+        return self.sha256[:16]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.meta.labels
+
+    @property
+    def problem_type(self) -> str:
+        return self.meta.problem_type
+
+    @property
     def is_pair_task(self) -> bool:
-        return len(self.inputs) == 2
+        return self.meta.is_pair_task
 
 
 class TaskRegistry:

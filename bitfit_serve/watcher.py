@@ -1,6 +1,6 @@
 """Watch the deltas folder (watchfiles) and apply adds, replaces and deletes while serving.
 
-Events only say *which* task to look at; :meth:`DeltaStore.sync` then compares the folder's
+Events only say *which* task to look at; :meth:`Tasks.sync` then compares the folder's
 current file with the served version (sha256), so a late or duplicated event is harmless and an
 upload written by this server is not loaded twice. A bad file is logged and skipped (a task
 already being served keeps its version); later good files still load.
@@ -13,10 +13,10 @@ import logging
 
 from watchfiles import Change, awatch
 
-from bitfit_serve.engine import Engine
 from bitfit_serve.errors import InvalidDelta
 from bitfit_serve.metrics import Metrics
 from bitfit_serve.store import DeltaStore
+from bitfit_serve.tasks import Tasks
 
 log = logging.getLogger(__name__)
 
@@ -26,9 +26,9 @@ RUST_TIMEOUT_MS = 200
 
 
 class DeltaWatcher:
-    def __init__(self, engine: Engine, store: DeltaStore, metrics: Metrics | None = None):
-        self.engine = engine
-        self.store = store
+    def __init__(self, tasks: Tasks, metrics: Metrics | None = None):
+        self.tasks = tasks
+        self.store: DeltaStore = tasks.require_store()
         self.metrics = metrics
         self._stop = asyncio.Event()
         self._active = asyncio.Event()
@@ -72,7 +72,7 @@ class DeltaWatcher:
 
     def sync(self, task: str) -> None:
         try:
-            outcome = self.store.sync(self.engine, task)
+            outcome = self.tasks.sync(task)
         except InvalidDelta as e:
             log.error("not loading %s: %s", self.store.path_for(task), e.message)
             outcome = "rejected"

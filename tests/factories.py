@@ -13,7 +13,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
 
 from bitfit_serve.delta import Delta
-from bitfit_serve.model.base import default_model_path, fingerprint_of, load_hf_base
+from bitfit_serve.model.base import default_model_path, fingerprint, load_hf_base
 
 TINY = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
             max_position_embeddings=128, hidden_act="gelu")
@@ -105,11 +105,11 @@ def random_delta(model_dir: Path | None, task: str, *, sites: Iterable[str] | st
         labels = ("score",)
     else:
         labels = tuple(f"label_{i}" for i in range(num_labels))
-    return Delta(
+    return Delta.of(
         task=task, sites=values,
         head_weight=torch.randn(num_labels, hidden, generator=g) / hidden ** 0.5,  # logits O(1), like a trained head
         head_bias=torch.randn(num_labels, generator=g),
         labels=labels, problem_type=problem_type, pooling=pooling,
-        base_fingerprint=fingerprint_of(hf_base), architecture=hf_base.config.model_type,
+        base_fingerprint=fingerprint(dict(hf_base.named_parameters())), architecture=hf_base.config.model_type,
         base_model=str(model_dir), inputs=tuple(inputs), max_length=max_length, scheme="test",
     )

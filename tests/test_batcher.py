@@ -8,16 +8,17 @@ import random
 import pytest
 
 from bitfit_serve.batcher import Batcher, _Request, _Seq
-from bitfit_serve.engine import EncodedInput, Engine, plan_batches
+from bitfit_serve.engine import Engine
+from bitfit_serve.inputs import EncodedInput
 
 
-class _FakeRegistry:
+class _FakeTasks:
     def release(self, versions):
         pass
 
 
 class _FakeEngine:
-    registry = _FakeRegistry()
+    tasks = _FakeTasks()
     forward_overhead_tokens = 10**9  # never cut for padding: these tests pin the budget rules
     plan = Engine.plan
 
@@ -66,25 +67,3 @@ def test_plan_drops_cancelled_requests(loop):
     gone[0].request.future.cancel()
     assert [[len(s) for s in b] for b in batcher._plan(kept + gone)] == [[3, 4]]
     assert gone[0].request.remaining == 0  # accounted for, so its versions get released
-
-
-@pytest.mark.parametrize("lengths, overhead, expected", [
-    ([4, 4, 4, 100], 64, [[4, 4, 4], [100]]),  # 3 x 96 padded tokens cost more than a forward
-    ([4, 4, 4, 100], 300, [[4, 4, 4, 100]]),  # ... unless a forward costs more still
-    ([10, 12, 30, 31, 33], 20, [[10, 12], [30, 31, 33]]),
-    ([10, 12, 30, 31, 33], 0, [[10], [12], [30], [31], [33]]),  # no padding at all
-    ([7, 7, 7], 0, [[7, 7, 7]]),  # equal lengths never pad
-])
-def test_plan_cuts_where_padding_costs_more_than_a_forward(lengths, overhead, expected):
-    batches = plan_batches(lengths, max_tokens=10_000, max_seqs=64, overhead_tokens=overhead)
-    assert [[lengths[i] for i in b] for b in batches] == expected
-
-
-def test_padding_aware_plan_keeps_budget_rules_and_loses_nothing():
-    rng = random.Random(1)
-    for _ in range(100):
-        lengths = [rng.randint(1, 128) for _ in range(rng.randint(1, 100))]
-        batches = plan_batches(lengths, max_tokens=512, max_seqs=16, overhead_tokens=rng.choice([0, 8, 64, 10**6]))
-        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
-        for b in batches:
-            assert len(b) <= 16 and (len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 512)

@@ -13,7 +13,7 @@ from tests.reference import reference_logits
 
 
 def _logits(engine: Engine, task: str, texts):
-    v = engine.registry.get(task)
+    v = engine.tasks.get(task)
     return engine.forward(engine.collate(engine.tokenize(v, texts), [v.row] * len(texts)))[:, : len(v.labels)]
 
 
@@ -38,20 +38,20 @@ def test_add_remove_readd_reuses_rows_without_leaking(tiny_bert_dir):
 
     engine.add_task(a)  # re-add under the same name
     torch.testing.assert_close(_logits(engine, "a", texts), reference_logits(tiny_bert_dir, a, texts), atol=1e-5, rtol=0)
-    assert {v.task for v in engine.tasks()} == {"a", "b", "c"}
+    assert {v.task for v in engine.tasks.list()} == {"a", "b", "c"}
 
 
 def test_replace_swaps_version_and_frees_old_row_when_idle(tiny_bert_dir):
     _, _, hf = load_hf_base(tiny_bert_dir)
     engine = Engine.from_pretrained(tiny_bert_dir)
     v1 = engine.add_task(random_delta(tiny_bert_dir, "t", seed=1, hf_base=hf))
-    pinned = engine.registry.acquire(["t"])  # a batch in flight on v1
+    pinned = engine.tasks.acquire(["t"])  # a batch in flight on v1
     v2 = engine.add_task(random_delta(tiny_bert_dir, "t", seed=2, hf_base=hf))
     assert v2.version != v1.version and v2.row != v1.row
     assert engine.predict([("t", "hello")])[0].version == v2.version
-    assert engine.banks.rows_in_use == 2  # v1's row still held by the in-flight batch
-    engine.registry.release(pinned)
-    assert engine.banks.rows_in_use == 1
+    assert engine.tasks.rows_in_use == 2  # v1's row still held by the in-flight batch
+    engine.tasks.release(pinned)
+    assert engine.tasks.rows_in_use == 1
 
 
 def test_predict_rejects_wrong_input_shape(tiny_bert_dir):
@@ -63,7 +63,7 @@ def test_predict_rejects_wrong_input_shape(tiny_bert_dir):
         engine.predict([("pair", "just one text")])
     with pytest.raises(InvalidInput, match="not a pair"):
         engine.predict([("single", ("a", "b"))])
-    assert engine.registry._in_flight == {}, "a failed predict must release its pins"
+    assert engine.tasks._registry._in_flight == {}, "a failed predict must release its pins"
 
 
 def test_truncates_to_task_max_length(tiny_bert_dir):
@@ -81,8 +81,8 @@ def test_reports_bank_bytes(tiny_bert_dir):
     engine.add_task(d)
     # per row: every bias the task trains (fp32), its 2 x H head and 2 biases, label count, pooling code
     values = sum(t.numel() for t in d.sites.values()) + 2 * hf.config.hidden_size + 2
-    assert engine.bytes_per_task == values * 4 + 8 + 8
-    assert engine.bank_bytes == engine.banks.capacity * engine.bytes_per_task
+    assert engine.tasks.bytes_per_task == values * 4 + 8 + 8
+    assert engine.tasks.bank_bytes == engine.tasks.capacity * engine.tasks.bytes_per_task
 
 
 def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path):
@@ -94,11 +94,10 @@ def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path)
     path = tmp_path / "t.safetensors"
     path.write_bytes(data)
     sha = delta_io.sha256_bytes(data)
-    parsed = delta_io.from_bytes(data)
-    # (A Delta given without its bytes gets the sha256 of a fresh serialization, which is not
-    # byte-stable: safetensors writes the metadata keys in hash-map order.)
-    for source, kwargs in ((data, {}), (path, {}), (parsed, {"file_bytes": data})):
-        assert engine.add_task(source, **kwargs).sha256 == sha
+    parsed = delta_io.parse(data)
+    # A DeltaFile carries the bytes it was parsed from; a bare Delta is serialized byte-stably.
+    for source in (data, path, parsed, parsed.delta):
+        assert engine.add_task(source).sha256 == sha
 
 
 def test_predict_survives_a_wider_task_added_between_its_forwards(tiny_bert_dir, monkeypatch):
@@ -132,7 +131,7 @@ def test_forward_many_equals_one_padded_forward(tiny_bert_dir, overhead):
     engine = Engine.from_pretrained(tiny_bert_dir, forward_overhead_tokens=overhead)
     rows = [engine.add_task(random_delta(tiny_bert_dir, f"t{i}", seed=i, hf_base=hf)).row for i in range(3)]
     texts = [SENTENCES[i % len(SENTENCES)] * (1 + i % 4) for i in range(12)]
-    v = engine.registry.get("t0")
+    v = engine.tasks.get("t0")
     encoded = engine.tokenize(v, texts)
     row_of = [rows[i % 3] for i in range(len(texts))]
     assert len({len(e) for e in encoded}) > 2

@@ -6,14 +6,15 @@ import threading
 
 import pytest
 
+from bitfit_serve.delta import DeltaMeta
 from bitfit_serve.errors import UnknownTask
 from bitfit_serve.registry import TaskRegistry, TaskVersion
 
 
 def _version(task: str, row: int) -> TaskVersion:
-    return TaskVersion(task=task, version=f"v{row}", sha256="0" * 64, row=row, labels=("a", "b"),
-                       problem_type="single_label_classification", pooling="mean", inputs=("text",),
-                       max_length=8, scheme="bitfit", sites=(), nbytes=0, base_model="")
+    meta = DeltaMeta(task=task, labels=("a", "b"), problem_type="single_label_classification", pooling="mean",
+                     base_fingerprint="0" * 64, architecture="bert", max_length=8)
+    return TaskVersion(meta=meta, sha256=f"{row:064x}", row=row, max_length=8, sites=(), nbytes=0)
 
 
 def test_replace_frees_old_row_only_after_release():

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from bitfit_serve import delta as delta_io
-from bitfit_serve.store import DeltaStore
+from bitfit_serve.tasks import Tasks
 from tests.server.conftest import serving, write_delta
 
 pytestmark = pytest.mark.anyio
@@ -88,29 +88,16 @@ async def test_startup_survives_files_that_break_the_parser_or_the_loader(engine
     raw += b" " * (-len(raw) % 8)
     (deltas_dir / "deep.safetensors").write_bytes(len(raw).to_bytes(8, "little") + raw + good[8 + n:])
     write_delta(deltas_dir, "buggy", delta_bytes("buggy"))
-    sync = DeltaStore.sync
+    sync = Tasks.sync
 
-    def sync_failing_on_buggy(self, engine, task):
+    def sync_failing_on_buggy(self, task):
         if task == "buggy":
             raise RuntimeError("simulated bug")
-        return sync(self, engine, task)
+        return sync(self, task)
 
-    monkeypatch.setattr(DeltaStore, "sync", sync_failing_on_buggy)
-    with caplog.at_level(logging.ERROR, logger="bitfit_serve.store"):
+    monkeypatch.setattr(Tasks, "sync", sync_failing_on_buggy)
+    with caplog.at_level(logging.ERROR, logger="bitfit_serve.tasks"):
         async with serving(engine, deltas_dir) as client:
             assert await served(client) == {"good": v(good)}
     assert "deep.safetensors" in caplog.text and "metrics: not valid JSON" in caplog.text
     assert "buggy.safetensors" in caplog.text and "simulated bug" in caplog.text
-
-
-def test_store_names(tmp_path):
-    store = DeltaStore(tmp_path)
-    assert store.task_for_path(tmp_path / "sst2.safetensors") == "sst2"
-    for name in (".tmp-x.part", ".tmp-sst2.safetensors", "sst2.safetensors.part", "a b.safetensors", "x.json"):
-        assert store.task_for_path(tmp_path / name) is None, name
-    assert store.task_for_path(tmp_path / "sub" / "sst2.safetensors") is None
-    (tmp_path / "b.safetensors").write_bytes(b"")
-    (tmp_path / "a.safetensors").write_bytes(b"")
-    (tmp_path / ".tmp-c.safetensors").write_bytes(b"")
-    assert store.scan() == ["a", "b"]
-    assert DeltaStore(tmp_path / "missing").scan() == []

@@ -12,25 +12,18 @@ from typing import Mapping
 import numpy as np
 import torch
 
-# Paper notation -> HF name inside one encoder layer, in forward order.
-LAYER_SITES = {
-    "bq": "attention.self.query.bias",
-    "bk": "attention.self.key.bias",
-    "bv": "attention.self.value.bias",
-    "bm1": "attention.output.dense.bias",
-    "bln1": "attention.output.LayerNorm.bias",
-    "bm2": "intermediate.dense.bias",
-    "bm3": "output.dense.bias",
-    "bln2": "output.LayerNorm.bias",
-}
+from bitfit_serve.model.architectures import LAYER_SITES
+
+# The bias sites of one encoder layer (paper notation -> HF name), in forward order.
+BIAS_SITES = {kind: name for kind, name in LAYER_SITES.items() if name.endswith(".bias")}
 _LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.(.+)$")
 
 
 def bias_change(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Tensor],
                 num_layers: int) -> np.ndarray:
-    """[len(LAYER_SITES), num_layers] mean |b0 - bF| per site and layer (NaN where not trained)."""
-    out = np.full((len(LAYER_SITES), num_layers), np.nan)
-    rows = {suffix: i for i, suffix in enumerate(LAYER_SITES.values())}
+    """[len(BIAS_SITES), num_layers] mean |b0 - bF| per site and layer (NaN where not trained)."""
+    out = np.full((len(BIAS_SITES), num_layers), np.nan)
+    rows = {suffix: i for i, suffix in enumerate(BIAS_SITES.values())}
     for name, value in trained.items():
         m = _LAYER_RE.match(name)
         if m and m.group(2) in rows:
@@ -41,7 +34,7 @@ def bias_change(trained: Mapping[str, torch.Tensor], base: Mapping[str, torch.Te
 
 def qkv_comparison(change: np.ndarray) -> dict[str, float]:
     """Mean change of the query, key and value biases over layers (the value-bias question)."""
-    names = list(LAYER_SITES)
+    names = list(BIAS_SITES)
     return {site: float(np.nanmean(change[names.index(site)])) for site in ("bq", "bk", "bv")}
 
 
@@ -55,7 +48,7 @@ def plot_heatmap(change: np.ndarray, title: str, out: Path) -> Path:
     image = ax.imshow(change, cmap="viridis", aspect="auto")
     ax.set_xticks(range(change.shape[1]), [str(i) for i in range(change.shape[1])])
     ax.set_yticks(range(change.shape[0]), [f"{k} ({v.split('.')[-2]})" if k.startswith("bln") else k
-                                           for k, v in LAYER_SITES.items()])
+                                           for k, v in BIAS_SITES.items()])
     ax.set_xlabel("layer")
     ax.set_title(title, fontsize=10)
     for (i, j), v in np.ndenumerate(change):

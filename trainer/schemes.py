@@ -25,22 +25,10 @@ from typing import Mapping
 
 import torch
 
-_LAYER = r"encoder\.layer\.\d+\."
-_SITE = {
-    "bq": _LAYER + r"attention\.self\.query\.bias",
-    "bk": _LAYER + r"attention\.self\.key\.bias",
-    "bv": _LAYER + r"attention\.self\.value\.bias",
-    "bm1": _LAYER + r"attention\.output\.dense\.bias",
-    "bln1": _LAYER + r"attention\.output\.LayerNorm\.bias",
-    "bm2": _LAYER + r"intermediate\.dense\.bias",
-    "bm3": _LAYER + r"output\.dense\.bias",
-    "bln2": _LAYER + r"output\.LayerNorm\.bias",
-    "gamma1": _LAYER + r"attention\.output\.LayerNorm\.weight",
-    "gamma2": _LAYER + r"output\.LayerNorm\.weight",
-    "emb_bln": r"embeddings\.LayerNorm\.bias",
-    "emb_gamma": r"embeddings\.LayerNorm\.weight",
-    "pooler": r"pooler\.dense\.bias",
-}
+from bitfit_serve.model.architectures import LAYER_PREFIX, LAYER_SITES, MODEL_SITES, site_pattern
+
+_LAYER = LAYER_PREFIX
+_SITE = {kind: site_pattern(kind) for kind in (*LAYER_SITES, *MODEL_SITES)}  # the runtime's site table
 ALL_BIASES = ("emb_bln", "bq", "bk", "bv", "bm1", "bln1", "bm2", "bm3", "bln2", "pooler")
 ALL_GAMMAS = ("emb_gamma", "gamma1", "gamma2")
 

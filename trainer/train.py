@@ -23,7 +23,9 @@ import torch
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
-from bitfit_serve.model.base import fingerprint_of, load_hf_base
+from bitfit_serve.inputs import EncodedInput, tokenize
+from bitfit_serve.inputs import collate as pad_batch
+from bitfit_serve.model.base import fingerprint, load_hf_base
 from trainer import metrics as metrics_lib
 from trainer import schemes
 from trainer.data import REGRESSION, Example, TaskData, split_validation
@@ -63,7 +65,7 @@ class TrainArgs:
     # Budget: ``epochs`` if given, else enough epochs for ``steps`` optimizer steps, at most
     # ``max_epochs`` (the paper's cap) but never fewer than ``min_steps`` steps (see plan_epochs).
     epochs: int | None = None
-    steps: int = 3000
+    steps: int = 6000
     max_epochs: int = 20
     min_steps: int = 1000
     batch_size: int = 16
@@ -127,18 +129,19 @@ def seed_everything(seed: int) -> None:
 
 @dataclass(frozen=True)
 class Encoded:
-    input_ids: list[list[int]]
-    token_type_ids: list[list[int]]
+    """A split, tokenized (as the engine does: ``bitfit_serve.inputs``), with its labels."""
+
+    sequences: list[EncodedInput]
     labels: list[float]
+
+    def __len__(self) -> int:
+        return len(self.sequences)
 
 
 def encode(tokenizer: Any, examples: Sequence[Example], max_length: int) -> Encoded:
-    """Tokenize exactly as ``bitfit_serve.Engine.tokenize`` does (same call, same truncation)."""
     firsts = [e.texts[0] for e in examples]
     seconds = [e.texts[1] for e in examples] if examples and len(examples[0].texts) == 2 else None
-    enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length,
-                    return_token_type_ids=True, return_attention_mask=False)
-    return Encoded(enc["input_ids"], enc["token_type_ids"], [float(e.label) for e in examples])
+    return Encoded(tokenize(tokenizer, firsts, seconds, max_length), [float(e.label) for e in examples])
 
 
 def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random,
@@ -157,17 +160,8 @@ def bucketed_batches(lengths: Sequence[int], batch_size: int, rng: random.Random
 
 
 def collate(enc: Encoded, indices: Sequence[int], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad the chosen sequences to the longest of them (dynamic padding)."""
-    width = max(len(enc.input_ids[i]) for i in indices)
-    ids = torch.full((len(indices), width), pad_id, dtype=torch.long)
-    types = torch.zeros((len(indices), width), dtype=torch.long)
-    mask = torch.zeros((len(indices), width), dtype=torch.long)
-    for row, i in enumerate(indices):
-        n = len(enc.input_ids[i])
-        ids[row, :n] = torch.tensor(enc.input_ids[i])
-        types[row, :n] = torch.tensor(enc.token_type_ids[i])
-        mask[row, :n] = 1
-    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+    """The chosen sequences right-padded to the longest of them, as HF model keyword arguments."""
+    return pad_batch([enc.sequences[i] for i in indices], pad_id).as_hf()
 
 
 @torch.no_grad()
@@ -177,7 +171,7 @@ def pooled_features(model: Classifier, enc: Encoded, pad_id: int, batch_size: in
     sorted by length)."""
     model.eval()
     device = model.head.weight.device
-    order = sorted(range(len(enc.input_ids)), key=lambda i: len(enc.input_ids[i]))
+    order = sorted(range(len(enc)), key=lambda i: len(enc.sequences[i]))
     out = torch.empty(len(order), model.head.in_features)
     for start in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, mininterval=10):
         chunk = order[start:start + batch_size]
@@ -278,7 +272,7 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
     seed_everything(args.seed)
     data, val = split_validation(data, args.val_fraction, args.seed, args.max_val_examples)
     path, config, base = load_hf_base(model_path)
-    fingerprint = fingerprint_of(base)  # of the untouched base: what the served base must match
+    base_fingerprint = fingerprint(dict(base.named_parameters()))  # of the untouched base: what the served base must match
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     pad_id = config.pad_token_id if config.pad_token_id is not None else tokenizer.pad_token_id
     num_outputs = 1 if data.problem_type == REGRESSION else len(data.labels)
@@ -291,7 +285,7 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
     train_enc = encode(tokenizer, data.train, args.max_length)
     val_enc = encode(tokenizer, val, args.max_length)
     dev_enc = encode(tokenizer, data.dev, args.max_length) if data.dev else None
-    lengths = [len(x) for x in train_enc.input_ids]
+    lengths = [len(x) for x in train_enc.sequences]
     rng = random.Random(args.seed)
     steps_per_epoch = math.ceil(len(lengths) / args.batch_size)
     epochs = plan_epochs(len(lengths), args)
@@ -401,7 +395,7 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
         print(f"WARNING [{data.name} {args.scheme} lr {args.lr:g}]: the model has not learned: {warning}. "
               f"Try --lr auto, more --steps, or another --scheme.", file=sys.stderr)
     return RunResult(
-        model=model, selection=selection, base_fingerprint=fingerprint, model_path=Path(path),
+        model=model, selection=selection, base_fingerprint=base_fingerprint, model_path=Path(path),
         config=config, tokenizer=tokenizer, history=history, selected_epoch=best[1],
         trainable_base_values=selection.count(params), head_values=sum(p.numel() for p in model.head.parameters()),
         n_train=len(data.train), n_val=len(val), n_dev=len(data.dev), wall_s=round(time.perf_counter() - started, 2),

@@ -13,19 +13,39 @@ from typing import Callable
 
 import torch
 
-# Sites a delta may change: every bias and every LayerNorm gamma/beta of the base model.
+# The one table of servable sites: every bias and every LayerNorm gamma/beta of a BERT-family
+# base, keyed by the BitFit paper's notation for one layer (bq ... bln2; gamma1/gamma2 are the
+# LayerNorm weights), plus the embeddings' LayerNorm and the pooler. Values are HF parameter names
+# inside one encoder layer (``LAYER_SITES``) or whole names (``MODEL_SITES``), in forward order.
+LAYER_SITES = {
+    "bq": "attention.self.query.bias",
+    "bk": "attention.self.key.bias",
+    "bv": "attention.self.value.bias",
+    "bm1": "attention.output.dense.bias",
+    "bln1": "attention.output.LayerNorm.bias",
+    "gamma1": "attention.output.LayerNorm.weight",
+    "bm2": "intermediate.dense.bias",
+    "bm3": "output.dense.bias",
+    "bln2": "output.LayerNorm.bias",
+    "gamma2": "output.LayerNorm.weight",
+}
+MODEL_SITES = {
+    "emb_bln": "embeddings.LayerNorm.bias",
+    "emb_gamma": "embeddings.LayerNorm.weight",
+    "pooler": "pooler.dense.bias",
+}
+LAYER_PREFIX = r"encoder\.layer\.\d+\."
+
+
+def site_pattern(kind: str) -> str:
+    """The anchored-ready regex (no ^/$) of one site kind, e.g. 'bq' -> encoder.layer.N.attention..."""
+    if kind in LAYER_SITES:
+        return LAYER_PREFIX + re.escape(LAYER_SITES[kind])
+    return re.escape(MODEL_SITES[kind])
+
+
 # Anchored on purpose: substring matching would let `output.dense.bias` catch the attention output.
-SITE_RE = re.compile(
-    r"^(?:embeddings\.LayerNorm\.(?:weight|bias)"
-    r"|encoder\.layer\.\d+\.(?:"
-    r"attention\.self\.(?:query|key|value)\.bias"
-    r"|attention\.output\.dense\.bias"
-    r"|attention\.output\.LayerNorm\.(?:weight|bias)"
-    r"|intermediate\.dense\.bias"
-    r"|output\.dense\.bias"
-    r"|output\.LayerNorm\.(?:weight|bias))"
-    r"|pooler\.dense\.bias)$"
-)
+SITE_RE = re.compile("^(?:" + "|".join(site_pattern(k) for k in (*LAYER_SITES, *MODEL_SITES)) + ")$")
 
 
 def bert_position_ids(input_ids: torch.Tensor, pad_token_id: int) -> torch.Tensor:

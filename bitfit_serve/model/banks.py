@@ -25,7 +25,6 @@ import torch
 from bitfit_serve.delta import Delta
 
 POOLING_CODES = {"pooler": 0, "cls": 1, "mean": 2}
-BASE_ROW = 0
 GROWTH_MIN_ROWS = 64
 
 

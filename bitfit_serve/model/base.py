@@ -6,6 +6,7 @@ is dropped after its weights are taken.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -13,7 +14,6 @@ from typing import Any, Mapping
 import torch
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig
 
-from bitfit_serve.delta import base_fingerprint
 from bitfit_serve.model.architectures import Architecture, architecture_for
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
@@ -64,12 +64,14 @@ class BaseModel:
         return self.config.hidden_size
 
     @property
-    def num_layers(self) -> int:
-        return self.config.num_hidden_layers
-
-    @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.weights.values())
+
+    @property
+    def max_positions(self) -> int:
+        """Longest sequence the position embeddings allow (RoBERTa reserves padding_idx + 1)."""
+        offset = self.config.pad_token_id + 1 if self.architecture.name == "roberta" else 0
+        return self.config.max_position_embeddings - offset
 
 
 def load_hf_base(path: str | Path | None = None) -> tuple[Path, PretrainedConfig, Any]:
@@ -93,9 +95,20 @@ def load_hf_base(path: str | Path | None = None) -> tuple[Path, PretrainedConfig
     return path, config, model
 
 
-def fingerprint_of(hf_base_model: torch.nn.Module) -> str:
-    """The base fingerprint a delta must carry: over the fp32 parameters of the HF base model."""
-    return base_fingerprint({name: p.detach() for name, p in hf_base_model.named_parameters()})
+def fingerprint(tensors: Mapping[str, torch.Tensor]) -> str:
+    """The base fingerprint a delta must carry: sha256 over the frozen base tensors (an HF base
+    model's ``named_parameters()``) in sorted-name order: name, dtype, shape, bytes.
+
+    Computed on the checkpoint's own dtype (before any cast to the serving dtype), so a delta
+    trained in fp32 matches a server that runs fp16."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 QKV_WEIGHT = "attention.self.qkv.weight"  # per layer: query, key, value weights stacked [3H, H]
@@ -119,7 +132,7 @@ def load_base(path: str | Path | None = None, device: str | torch.device = "cpu"
     path, config, hf_model = load_hf_base(path)
     architecture = architecture_for(config.model_type)
     tensors = {name: p.detach() for name, p in hf_model.named_parameters()}
-    fingerprint = base_fingerprint(tensors)
+    base_fingerprint = fingerprint(tensors)
     weights = {name: t.to(device=device, dtype=dtype).contiguous() for name, t in _fuse_qkv(tensors, config).items()}
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return BaseModel(
@@ -128,7 +141,7 @@ def load_base(path: str | Path | None = None, device: str | torch.device = "cpu"
         architecture=architecture,
         weights=weights,
         site_shapes={n: tuple(t.shape) for n, t in tensors.items() if architecture.is_site(n)},
-        fingerprint=fingerprint,
+        fingerprint=base_fingerprint,
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import random
 
 import pytest
@@ -70,7 +69,7 @@ def test_each_delta_changes_the_output(tiny_model_dir):
         if d.sites:
             inputs = _inputs_for(d, 2, offset=0)
             moved = reference_logits(tiny_model_dir, d, inputs) - reference_logits(
-                tiny_model_dir, dataclasses.replace(d, sites={}), inputs)
+                tiny_model_dir, d.replace(sites={}), inputs)
             assert moved.abs().max() > 1e-3, d.task
 
 
@@ -167,7 +166,7 @@ def test_half_precision_engine_runs_and_stays_close(tiny_bert_dir, dtype, atol):
     assert all(t.dtype == getattr(torch, dtype) for t in engine.base.weights.values())
     d = random_delta(tiny_bert_dir, "half", sites="all", num_labels=3, pooling="mean", hf_base=hf_base)
     v = engine.add_task(d)
-    assert engine.banks.view().head_weight.dtype == getattr(torch, dtype)
+    assert engine._banks.view().head_weight.dtype == getattr(torch, dtype)
     batch = engine.collate(engine.tokenize(v, SENTENCES[:4]), [v.row, 0, v.row, v.row])
     logits = engine.forward(batch)[[0, 2, 3], :3]
     expected = reference_logits(tiny_bert_dir, d, [SENTENCES[0], SENTENCES[2], SENTENCES[3]])

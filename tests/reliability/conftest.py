@@ -12,8 +12,7 @@ def scale():
     return lambda ci, full: full if FULL else ci
 
 
-# The server tests' fixtures (tiny engine, cached delta bytes, anyio on asyncio), shared here.
-from tests.server.conftest import anyio_backend, delta_bytes, deltas_dir, engine, hf_base, make_delta  # noqa: E402,F401
+# The tiny engine, cached delta bytes and anyio fixtures come from tests/conftest.py.
 
 
 @pytest.fixture(scope="session")

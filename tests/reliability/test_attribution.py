@@ -237,8 +237,8 @@ async def test_32_concurrent_puts_in_memory(engine, deltas_dir, delta_bytes):
         _concurrent_puts_summary(served, sorted(p.name for p in deltas_dir.iterdir() if p.stem == "race"),
                                  {delta_io.sha256_bytes(b)[:16] for b in bodies},
                                  (deltas_dir / "race.safetensors").read_bytes())
-    assert sorted(engine.registry._current) == ["other", "race"]
-    assert engine.banks.rows_in_use == 2  # 30 replaced rows freed, none leaked
+    assert sorted(engine.tasks._registry._current) == ["other", "race"]
+    assert engine.tasks.rows_in_use == 2  # 30 replaced rows freed, none leaked
 
 
 def test_checker_catches_wrong_version_task_and_scores():

@@ -31,22 +31,22 @@ def test_add_replace_delete_cycles_do_not_leak(tiny_bert_dir, scale, record_prop
     for i in range(cycles):
         if i == warmup:
             rss_after_warmup = _rss()
-            rows_after_warmup = engine.banks.capacity
+            rows_after_warmup = engine.tasks.capacity
         data = rng.choice(pool)
         engine.add_task(data)  # add or replace
         if rng.random() < 0.4:
-            victim = rng.choice(engine.tasks()).task
+            victim = rng.choice(engine.tasks.list()).task
             engine.remove_task(victim)
     drift = (_rss() - rss_after_warmup) / rss_after_warmup
     record_property("engine_churn", {"cycles": cycles, "rss_drift": round(drift, 4),
-                                     "bank_capacity": engine.banks.capacity})
+                                     "bank_capacity": engine.tasks.capacity})
     assert drift < 0.02, f"RSS grew {drift:.1%} over {cycles - warmup} cycles"
-    assert engine.banks.capacity == rows_after_warmup, "freed rows must be reused, not grown past"
-    assert engine.banks.rows_in_use == len(engine.tasks()) <= 20
+    assert engine.tasks.capacity == rows_after_warmup, "freed rows must be reused, not grown past"
+    assert engine.tasks.rows_in_use == len(engine.tasks.list()) <= 20
     # Still correct after the churn: every task equals its own file's values.
-    for v in engine.tasks():
+    for v in engine.tasks.list():
         data = next(d for d in pool if delta_io.sha256_bytes(d)[:16] == v.version)
-        d = delta_io.from_bytes(data)
-        bank = engine.banks.view().sites
+        d = delta_io.parse(data).delta
+        bank = engine._banks.view().sites
         for name, value in d.sites.items():
             assert torch.equal(bank[name][v.row], value), (v.task, name)

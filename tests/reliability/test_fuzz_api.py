@@ -31,6 +31,10 @@ from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, w
 # Short names, so that generated task names hit real tasks now and then.
 TASKS = {"0": {}, "a": PAIR_TASK_KW, "A": REGRESSION_KW, "00": MULTI_LABEL_KW}
 EXCLUDED = [positive_data_acceptance, max_response_time]
+# Tokens set, so that OpenAPI's bearer scheme is live: every case carries the admin token (valid
+# for every route), and schemathesis' own check sends bad credentials and expects 401/403.
+ADMIN_TOKEN = "fuzz-admin-token"
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 RESULTS: dict[str, "FuzzStats"] = {}  # read by benchmarks/reliability.py through the JSON report
 
 
@@ -57,7 +61,7 @@ def _fuzz(schema, examples: int, stats: FuzzStats, **call_kwargs) -> None:
             @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
                       suppress_health_check=list(HealthCheck))
             def run(case):
-                response = case.call(**call_kwargs)
+                response = case.call(headers=AUTH, **call_kwargs)
                 stats.cases += 1
                 stats.by_status[response.status_code] += 1
                 where = f"{op.method.upper()} {op.path} [{mode.value}] -> {response.status_code}"
@@ -95,7 +99,8 @@ def _check(stats: FuzzStats, name: str, minimum: int) -> None:
 
 
 def test_fuzz_in_process(tiny_bert_dir, seeded, scale, record_property):
-    app = create_app(Engine.from_pretrained(tiny_bert_dir), Settings(deltas=seeded, watch=False))
+    app = create_app(Engine.from_pretrained(tiny_bert_dir), Settings(deltas=seeded, watch=False,
+                                                                            admin_token=ADMIN_TOKEN, api_key="fuzz-key"))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # runs the app's lifespan
     stats = FuzzStats()
     examples = scale(ci=12, full=550)
@@ -106,7 +111,8 @@ def test_fuzz_in_process(tiny_bert_dir, seeded, scale, record_property):
 
 def test_fuzz_live_server(tiny_bert_dir, seeded, tmp_path, zygote, scale, record_property):
     examples = scale(ci=4, full=250)
-    with LiveServer(tiny_bert_dir, seeded, tmp_path / "server.log", zygote=zygote) as server:
+    tokens = ("--admin-token", ADMIN_TOKEN, "--api-key", "fuzz-key")
+    with LiveServer(tiny_bert_dir, seeded, tmp_path / "server.log", args=tokens, zygote=zygote) as server:
         schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
         stats = FuzzStats()
         _fuzz(schema, examples, stats, base_url=server.url, timeout=30)

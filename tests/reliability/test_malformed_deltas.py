@@ -23,7 +23,7 @@ def served(tiny_bert_dir):
 
 
 def _snapshot(engine: Engine) -> torch.Tensor:
-    items = [(v.task, SENTENCES[i % len(SENTENCES)]) for i, v in enumerate(engine.tasks()) for _ in range(2)]
+    items = [(v.task, SENTENCES[i % len(SENTENCES)]) for i, v in enumerate(engine.tasks.list()) for _ in range(2)]
     return torch.tensor([[p.score or 0.0] for p in engine.predict(items)])
 
 
@@ -35,8 +35,8 @@ def test_corpus_is_large_and_unique(served):
 
 def test_every_malformed_delta_is_rejected_and_nothing_changes(served, record_property):
     engine, good = served
-    before_scores, before_rows = _snapshot(engine), engine.banks.rows_in_use
-    before_versions = {v.task: v.version for v in engine.tasks()}
+    before_scores, before_rows = _snapshot(engine), engine.tasks.rows_in_use
+    before_versions = {v.task: v.version for v in engine.tasks.list()}
     unexpected = []
     for case_id, data in malformed_deltas(good):
         try:
@@ -49,8 +49,8 @@ def test_every_malformed_delta_is_rejected_and_nothing_changes(served, record_pr
             unexpected.append(f"{case_id}: accepted")
     record_property("corpus_engine", {"cases": sum(1 for _ in malformed_deltas(good)), "unexpected": len(unexpected)})
     assert not unexpected, "\n".join(unexpected)
-    assert "victim" not in engine.registry
-    assert engine.banks.rows_in_use == before_rows
-    assert {v.task: v.version for v in engine.tasks()} == before_versions
+    assert "victim" not in engine.tasks
+    assert engine.tasks.rows_in_use == before_rows
+    assert {v.task: v.version for v in engine.tasks.list()} == before_versions
     assert torch.equal(_snapshot(engine), before_scores)
     engine.add_task(good)  # the good file itself is accepted

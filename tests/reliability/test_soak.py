@@ -46,24 +46,24 @@ async def test_http_churn_does_not_leak(engine, deltas_dir, delta_bytes, scale, 
     async with serving(engine, deltas_dir) as client:
         for i in range(cycles):
             if i == warmup:
-                rss0, capacity0 = _rss(), engine.banks.capacity
+                rss0, capacity0 = _rss(), engine.tasks.capacity
             task, data = rng.choice(pool)
             assert (await client.put(f"/v1/tasks/{task}", content=data, headers=OCTET)).status_code in (200, 201)
             if rng.random() < 0.4:
-                victim = rng.choice(engine.tasks()).task
+                victim = rng.choice(engine.tasks.list()).task
                 assert (await client.delete(f"/v1/tasks/{victim}")).status_code == 200
-            if i % 10 == 0 and engine.tasks():
-                live = engine.tasks()[0].task
+            if i % 10 == 0 and engine.tasks.list():
+                live = engine.tasks.list()[0].task
                 assert (await client.post(f"/v1/tasks/{live}/predict", json={"inputs": ["x"]})).status_code == 200
         drift = (_rss() - rss0) / rss0
-        served = {v.task: v.sha256 for v in engine.tasks()}
+        served = {v.task: v.sha256 for v in engine.tasks.list()}
     on_disk = {p.stem: delta_io.sha256_bytes(p.read_bytes()) for p in deltas_dir.iterdir()}
-    summary = {"cycles": cycles, "rss_drift": round(drift, 4), "bank_capacity": engine.banks.capacity}
+    summary = {"cycles": cycles, "rss_drift": round(drift, 4), "bank_capacity": engine.tasks.capacity}
     record_property("http_churn", summary)
     print(f"\nHTTP churn: {summary}")
     assert drift < 0.02, summary
-    assert engine.banks.capacity == capacity0
-    assert engine.banks.rows_in_use == len(served)
+    assert engine.tasks.capacity == capacity0
+    assert engine.tasks.rows_in_use == len(served)
     assert on_disk == served
 
 

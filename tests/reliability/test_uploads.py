@@ -177,10 +177,10 @@ def test_header_length_is_capped_before_parsing(make_delta):
     text = json.dumps(header).encode()
     assert len(text) > delta_io.MAX_HEADER_BYTES
     with pytest.raises(InvalidDelta, match="exceeds the 1048576-byte limit"):
-        delta_io.from_bytes(struct.pack("<Q", len(text)) + text + good[8 + n:])
+        delta_io.parse(struct.pack("<Q", len(text)) + text + good[8 + n:])
     for claimed in (delta_io.MAX_HEADER_BYTES + 1, 1 << 40, (1 << 64) - 1):
         with pytest.raises(InvalidDelta, match="exceeds"):
-            delta_io.from_bytes(struct.pack("<Q", claimed) + b"{}")
+            delta_io.parse(struct.pack("<Q", claimed) + b"{}").delta
 
 
 @pytest.mark.anyio

@@ -1,65 +1,22 @@
-"""Server test helpers: a tiny BERT engine, delta bytes by (task, seed), the app under its lifespan."""
+"""Server test helpers: the app under its lifespan, delta files in a folder, error-body checks.
+(The engine and delta fixtures are in ``tests/conftest.py``.)"""
 
 from __future__ import annotations
 
-import functools
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
 
 import httpx
-import pytest
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.engine import Engine
-from bitfit_serve.model.base import load_hf_base
 from bitfit_serve.server import create_app
 from bitfit_serve.settings import Settings
-from tests.factories import random_delta
 
 PAIR_TASK_KW = dict(inputs=("premise", "hypothesis"), num_labels=3)
 REGRESSION_KW = dict(problem_type="regression")
 MULTI_LABEL_KW = dict(problem_type="multi_label_classification", num_labels=3)
-
-
-@pytest.fixture
-def anyio_backend():
-    return "asyncio"
-
-
-@pytest.fixture(scope="session")
-def hf_base(tiny_bert_dir):
-    return load_hf_base(tiny_bert_dir)[2]
-
-
-@pytest.fixture(scope="session")
-def make_delta(tiny_bert_dir, hf_base):
-    """(task, seed=0, **random_delta kwargs) -> Delta, cached."""
-    @functools.lru_cache(maxsize=None)
-    def make(task: str, seed: int = 0, **kw):
-        return random_delta(tiny_bert_dir, task, seed=seed, hf_base=hf_base, **kw)
-
-    return make
-
-
-@pytest.fixture(scope="session")
-def delta_bytes(make_delta):
-    """Bytes of a delta file, cached so that its version (sha256 prefix) is stable within the session."""
-    @functools.lru_cache(maxsize=None)
-    def make(task: str, seed: int = 0, **kw):
-        return delta_io.to_bytes(make_delta(task, seed, **kw))
-
-    return make
-
-
-@pytest.fixture
-def engine(tiny_bert_dir):
-    return Engine.from_pretrained(tiny_bert_dir)
-
-
-@pytest.fixture
-def deltas_dir(tmp_path) -> Path:
-    return tmp_path / "deltas"
 
 
 def write_delta(folder: Path, task: str, data: bytes) -> Path:

@@ -57,7 +57,7 @@ async def test_url_name_wins_and_the_stored_copy_is_renamed(engine, deltas_dir, 
         assert r.status_code == 200
         assert_error(await client.get("/v1/tasks/sst2"), 404, "unknown_task")
     stored = (deltas_dir / "sst2-copy.safetensors").read_bytes()
-    assert delta_io.from_bytes(stored).task == "sst2-copy"
+    assert delta_io.parse(stored).delta.task == "sst2-copy"
     assert r.json()["version"] == version_of(stored)
     # The same upload again is the same version: the renamed copy is serialized the same each time.
     async with serving(engine, deltas_dir) as client:
@@ -83,7 +83,7 @@ async def test_replace_then_delete(engine, deltas_dir, delta_bytes):
         assert_error(await client.get("/v1/tasks/t"), 404, "unknown_task")
         assert_error(await client.delete("/v1/tasks/t"), 404, "unknown_task")
         assert not (deltas_dir / "t.safetensors").exists()
-    assert engine.banks.rows_in_use == 0  # both rows freed
+    assert engine.tasks.rows_in_use == 0  # both rows freed
 
 
 async def test_replace_under_concurrent_traffic(tiny_bert_dir, deltas_dir, delta_bytes):
@@ -129,7 +129,7 @@ async def test_replace_under_concurrent_traffic(tiny_bert_dir, deltas_dir, delta
         want = expected[result["version"]][k:] + expected[result["version"]][:k]
         for got, exp in zip(result["predictions"], want):
             assert got["scores"] == pytest.approx(exp, abs=1e-5)
-    assert engine.banks.rows_in_use == 2  # the replaced rows were freed once idle
+    assert engine.tasks.rows_in_use == 2  # the replaced rows were freed once idle
 
 
 @pytest.mark.parametrize("method", ["put", "delete"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 
 import pytest
@@ -100,10 +99,9 @@ async def test_bad_uploads(engine, tasks_dir, make_delta, delta_bytes):
         "not safetensors": (b"hello, this is not a delta" * 10, 422, "invalid_delta"),
         "truncated": (good[: len(good) // 2], 422, "invalid_delta"),
         "NaN values": (_nan_delta(make_delta("up")), 422, "invalid_delta", "NaN"),
-        "wrong base fingerprint": (delta_io.to_bytes(dataclasses.replace(make_delta("up"),
-                                                                         base_fingerprint="0" * 64)),
+        "wrong base fingerprint": (delta_io.to_bytes(make_delta("up").replace(base_fingerprint="0" * 64)),
                                    422, "base_model_mismatch", "base_fingerprint"),
-        "unknown site": (delta_io.to_bytes(dataclasses.replace(make_delta("up"), sites={
+        "unknown site": (delta_io.to_bytes(make_delta("up").replace(sites={
             "encoder.layer.0.attention.self.query.weight": torch.zeros(32)})), 422, "invalid_delta", "query.weight"),
         "empty body": (b"", 400, "invalid_input", "empty"),
     }

@@ -138,7 +138,7 @@ async def test_dead_worker_fails_requests_and_readiness(engine, deltas_dir, delt
         assert_error(await client.post("/v1/tasks/d/predict", json={"inputs": ["a"]}), 503, "not_ready")
         assert (await client.get("/health")).status_code == 200
     engine.remove_task("d")
-    assert engine.banks.rows_in_use == 0  # freed at once: the failed request released its pin
+    assert engine.tasks.rows_in_use == 0  # freed at once: the failed request released its pin
 
 
 async def test_forward_error_is_a_500_and_the_worker_survives(engine, deltas_dir, delta_bytes, monkeypatch):

@@ -45,7 +45,7 @@ async def test_per_task_predict_equals_engine(engine, four_tasks):
             r = await client.post(f"/v1/tasks/{task}/predict", json={"inputs": _inputs(task)})
             assert r.status_code == 200, r.text
             body = r.json()
-            version = engine.registry.get(task).version
+            version = engine.tasks.get(task).version
             assert body["task"] == task and body["version"] == version
             expected = engine.predict([(task, x) for x in _inputs(task)])
             assert len(body["predictions"]) == len(expected)

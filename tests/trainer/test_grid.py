@@ -2,7 +2,6 @@
 
 import json
 
-import pytest
 
 from trainer.grid import Budget, Run, plan, write_tables
 from trainer.train import LR_CANDIDATES

@@ -42,7 +42,7 @@ def _trainer_logits(result, data):
     enc = encode(result.tokenizer, data.dev, 32)
     pad = result.config.pad_token_id
     with torch.no_grad():
-        return result.model(**collate(enc, list(range(len(enc.input_ids))), pad))
+        return result.model(**collate(enc, list(range(len(enc))), pad))
 
 
 def _hf_logits(model_dir, d, data, tokenizer):
@@ -50,7 +50,7 @@ def _hf_logits(model_dir, d, data, tokenizer):
     hf = AutoModel.from_pretrained(model_dir, dtype=torch.float32).eval()
     copy_sites(hf, d)
     enc = encode(tokenizer, data.dev, 32)
-    batch = collate(enc, list(range(len(enc.input_ids))), hf.config.pad_token_id)
+    batch = collate(enc, list(range(len(enc))), hf.config.pad_token_id)
     with torch.no_grad():
         return head_logits(hf(**batch), batch["attention_mask"], d)
 
@@ -94,8 +94,7 @@ def test_end_to_end_regression_pairs_changes_predictions(tiny_bert_dir, tmp_path
 
     engine = Engine.from_pretrained(tiny_bert_dir)
     base_params = dict(AutoModel.from_pretrained(tiny_bert_dir).named_parameters())
-    untrained = delta_io.Delta(**{**d.__dict__, "task": "untrained",
-                                  "sites": {n: base_params[n].detach().clone() for n in d.sites}})
+    untrained = d.replace(task="untrained", sites={n: base_params[n].detach().clone() for n in d.sites})
     engine.add_task(d)
     engine.add_task(untrained)
     pairs = [e.texts for e in data.dev]
@@ -136,7 +135,7 @@ def test_weight_matrix_delta_is_refused_by_the_engine(tiny_bert_dir):
 
     d = random_delta(tiny_bert_dir, "w", sites=[])
     weight = torch.zeros(32 * 32)
-    bad = delta_io.Delta(**{**d.__dict__, "sites": {"encoder.layer.0.attention.self.query.weight": weight}})
+    bad = d.replace(sites={"encoder.layer.0.attention.self.query.weight": weight})
     with pytest.raises(InvalidDelta, match="weight matrices are not servable"):
         Engine.from_pretrained(tiny_bert_dir).add_task(bad)
 
@@ -237,8 +236,8 @@ def test_bucketed_batches_cover_each_example_once():
 
 
 @pytest.mark.parametrize("n_train,epochs", [
-    (48_000, 1),    # 3,000 steps at batch 16 fit in one epoch
-    (8_000, 6),     # 500 steps an epoch: 6 epochs reach 3,000
+    (96_000, 1),    # 6,000 steps at batch 16 fit in one epoch
+    (8_000, 12),    # 500 steps an epoch: 12 epochs reach 6,000
     (2_000, 20),    # 125 an epoch: capped at 20 epochs (2,500 steps)
     (160, 100),     # 10 an epoch: the 1,000-step floor wins over the cap
 ])

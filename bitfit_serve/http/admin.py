@@ -1,0 +1,64 @@
+"""Task routes: list and inspect (API key), add / replace / remove (admin token).
+
+A change goes to the ``tasks`` room in one call; the room persists it to the deltas folder."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import APIRouter, Depends, Request, Response
+from starlette.exceptions import HTTPException
+
+from bitfit_serve import delta as delta_io
+from bitfit_serve.errors import InvalidInput
+from bitfit_serve.http.auth import require_admin, require_api_key, valid_task_name
+from bitfit_serve.http.schemas import RemoveResponse, TaskInfo, TaskList, UploadResponse, error_responses
+from bitfit_serve.http.services import ServicesDep
+
+router = APIRouter(tags=["tasks"])
+ADMIN = dict(dependencies=[Depends(valid_task_name), Depends(require_admin)], tags=["admin"],
+             responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503))
+
+
+@router.get("/v1/tasks", response_model=TaskList, dependencies=[Depends(require_api_key)],
+            responses=error_responses(401, 403))
+async def list_tasks(s: ServicesDep) -> TaskList:
+    return TaskList(tasks=[TaskInfo.of(v, s.tasks) for v in s.tasks.list()])
+
+
+@router.get("/v1/tasks/{task}", response_model=TaskInfo, dependencies=[Depends(require_api_key)],
+            responses=error_responses(401, 403, 404))
+async def get_task(task: str, s: ServicesDep) -> TaskInfo:
+    return TaskInfo.of(s.tasks.get(task), s.tasks)
+
+
+@router.put("/v1/tasks/{task}", response_model=UploadResponse, status_code=201, **ADMIN,
+            openapi_extra={"requestBody": {"required": True, "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}})
+async def upload_task(task: str, request: Request, response: Response, s: ServicesDep) -> UploadResponse:
+    """Add or replace a task: the body is the delta file (.safetensors bytes). Validated fully,
+    persisted atomically into the deltas folder, then swapped in. 201 if new, 200 if replaced.
+    The URL name wins over the delta's ``task`` metadata (the stored copy is renamed)."""
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media.startswith("multipart/"):
+        raise HTTPException(415, "send the delta file's raw bytes as the body "
+                                 "(curl --data-binary @file.safetensors), not a multipart form")
+    data = bytearray()
+    async for chunk in request.stream():  # BodyLimit stops this at max_upload_bytes
+        data += chunk
+    if not data:
+        raise InvalidInput("the request body is empty: send the delta file's bytes")
+    file = await asyncio.to_thread(delta_io.parse, bytes(data), "upload")
+    installed = await asyncio.to_thread(s.tasks.install, task, file)
+    s.metrics.task_changes.labels("http", "replaced" if installed.previous else "added").inc()
+    response.status_code = 200 if installed.previous else 201
+    return UploadResponse(**TaskInfo.of(installed.version, s.tasks).model_dump(),
+                          replaced=installed.previous.version if installed.previous else None)
+
+
+@router.delete("/v1/tasks/{task}", response_model=RemoveResponse, **ADMIN)
+async def delete_task(task: str, s: ServicesDep) -> RemoveResponse:
+    """Stop serving a task (404 from now on) and delete its file; its row is freed once idle."""
+    removed = await asyncio.to_thread(s.tasks.remove, task)
+    s.metrics.task_changes.labels("http", "removed").inc()
+    return RemoveResponse(task=removed.task, version=removed.version)

@@ -1,0 +1,166 @@
+"""The server's edge: body limits, load shedding, request metrics, and the JSON error bodies.
+
+Errors are JSON ``{"error": {"code", "message"}}``: the core's errors (``bitfit_serve.errors``) map
+one-to-one by their ``status_code``/``code``; request-schema errors become 400 ``invalid_input``;
+routing errors keep their status (404 ``not_found``, 405, 413, 415). A 500 means a bug.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from bitfit_serve.batcher import Batcher
+from bitfit_serve.errors import BitfitError, InvalidInput, NotReady, Overloaded, PayloadTooLarge, Unauthorized
+from bitfit_serve.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+# Codes for errors raised by routing / the HTTP layer itself rather than by the core.
+HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+              405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+
+
+def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def _core_error_response(e: BitfitError, metrics: Metrics) -> JSONResponse:
+    """The JSON error for one of our exceptions, with the headers its status calls for; counted."""
+    headers = None
+    if isinstance(e, Overloaded):
+        headers = {"Retry-After": str(max(1, round(e.retry_after)))}
+    elif isinstance(e, NotReady):  # e.g. a hung worker: a client should come back, not give up
+        headers = {"Retry-After": "1"}
+    elif isinstance(e, Unauthorized):
+        headers = {"WWW-Authenticate": "Bearer"}
+    metrics.errors.labels(e.code).inc()
+    return _error(e.status_code, e.code, e.message, headers)
+
+
+def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    def respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        metrics.errors.labels(code).inc()
+        return _error(status, code, message, headers)
+
+    @app.exception_handler(BitfitError)
+    async def core_error(request: Request, e: BitfitError) -> JSONResponse:
+        return _core_error_response(e, metrics)
+
+    @app.exception_handler(RequestValidationError)
+    async def schema_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        problems = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+                    for err in e.errors()[:5]]
+        return respond(400, InvalidInput.code, "invalid request: " + "; ".join(problems))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, e: HTTPException) -> JSONResponse:
+        return respond(e.status_code, HTTP_CODES.get(e.status_code, "http_error"), str(e.detail), e.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return respond(500, "internal_error", "internal server error")
+
+
+class BodyLimit:
+    """Cap request bodies while they stream in, whatever Content-Length claims: a declared length
+    over the cap is refused before reading; otherwise reading stops with 413 once past the cap."""
+
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], tuple[str, int]]):
+        self.app = app
+        self.limit_for = limit_for
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        name, limit = self.limit_for(scope)
+        too_large = f"the request body exceeds {name}={limit} bytes"
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            await _error(413, PayloadTooLarge.code, too_large)(scope, receive, send)
+            return
+        received = 0
+
+        async def limited() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise HTTPException(413, too_large)
+            return message
+
+        await self.app(scope, limited, send)
+
+
+class ShedLoad:
+    """While the queue is full, refuse inference requests (503 + Retry-After) before their body is
+    read or parsed. Under overload most requests are refused, and parsing each one first would
+    take the event loop from the requests it does admit: their latency would grow with the
+    offered load instead of staying bounded by the queue."""
+
+    def __init__(self, app: ASGIApp, batcher: Callable[[], Batcher | None], metrics: Metrics):
+        self.app = app
+        self.batcher = batcher
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = _predict_route(scope) if scope["type"] == "http" else None
+        batcher = self.batcher() if route else None
+        if batcher is not None:
+            try:
+                batcher.check_room()
+            except Overloaded as e:
+                scope["bitfit.route"] = route  # for Observe: no route was matched
+                await _core_error_response(e, self.metrics)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _predict_route(scope: Scope) -> str | None:
+    """The route template of an inference request, or None."""
+    if scope["method"] != "POST":
+        return None
+    path = scope["path"]
+    if path == "/v1/predict":
+        return path
+    parts = path.split("/")
+    return "/v1/tasks/{task}/predict" if len(parts) == 5 and parts[:3] == ["", "v1", "tasks"] \
+        and parts[4] == "predict" else None
+
+
+class Observe:
+    """Request count and latency by route template (never the raw path: bounded label values)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status = 500
+        start = time.perf_counter()
+
+        async def observed_send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, observed_send)
+        finally:
+            route = getattr(scope.get("route"), "path", None) or scope.get("bitfit.route", "unmatched")
+            self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+            self.metrics.request_seconds.labels(scope["method"], route).observe(time.perf_counter() - start)

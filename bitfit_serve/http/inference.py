@@ -1,0 +1,76 @@
+"""Inference routes: one task, or many tasks in one call, through the batcher."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Sequence
+
+from fastapi import APIRouter, Depends
+
+from bitfit_serve.batcher import Group
+from bitfit_serve.engine import Prediction
+from bitfit_serve.errors import InvalidInput, NotReady, PayloadTooLarge
+from bitfit_serve.http.auth import require_api_key
+from bitfit_serve.http.schemas import MixedPredictRequest, MixedPredictResponse, PredictRequest, TaskPredictions, \
+    error_responses
+from bitfit_serve.http.services import Services, ServicesDep
+from bitfit_serve.settings import Settings
+
+router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)],
+                   responses=error_responses(400, 401, 403, 404, 413, 422, 503))
+
+
+@router.post("/v1/tasks/{task}/predict", response_model=TaskPredictions, response_model_exclude_none=True)
+async def predict(task: str, body: PredictRequest, s: ServicesDep) -> TaskPredictions:
+    """Run one task on a list of texts (or text pairs)."""
+    check_limits(s.settings, [body.inputs])
+    (predictions,) = await run(s, [(task, body.inputs)])
+    return TaskPredictions.of(task, predictions)
+
+
+@router.post("/v1/predict", response_model=MixedPredictResponse, response_model_exclude_none=True)
+async def predict_mixed(body: MixedPredictRequest, s: ServicesDep) -> MixedPredictResponse:
+    """Items of many tasks in one call, batched together; each item's answer states its version."""
+    if len(body.items) > s.settings.max_items_per_predict:
+        raise PayloadTooLarge(f"{len(body.items)} items exceed max_items_per_predict="
+                              f"{s.settings.max_items_per_predict}")
+    check_limits(s.settings, [item.inputs for item in body.items])
+    results = await run(s, [(item.task, item.inputs) for item in body.items])
+    return MixedPredictResponse(results=[TaskPredictions.of(item.task, predictions)
+                                         for item, predictions in zip(body.items, results)])
+
+
+async def run(s: Services, groups: Sequence[Group]) -> list[list[Prediction]]:
+    """Submit to the batcher and count the sequences per task. Admission checks only that the
+    worker runs (submit raises NotReady otherwise); a slow forward makes /ready fail for load
+    balancers but must not reject requests already routed here."""
+    if s.batcher is None:
+        raise NotReady("the server is not ready: the inference worker is not running")
+    start = time.perf_counter()
+    out = await s.batcher.submit(groups)
+    sequences: Counter[str] = Counter()
+    for task, inputs in groups:
+        sequences[task] += len(inputs)
+    s.metrics.observe_tasks(sequences, time.perf_counter() - start)
+    return out
+
+
+def check_limits(settings: Settings, inputs_per_item: Sequence[Sequence[str | Sequence[str]]]) -> None:
+    total = sum(len(inputs) for inputs in inputs_per_item)
+    if total > settings.max_texts_per_request:
+        raise PayloadTooLarge(f"{total} inputs in one request exceed max_texts_per_request="
+                              f"{settings.max_texts_per_request}")
+    for k, inputs in enumerate(inputs_per_item):
+        where = f"items[{k}]." if len(inputs_per_item) > 1 else ""
+        for i, item in enumerate(inputs):
+            for text in ([item] if isinstance(item, str) else item):
+                if len(text) > settings.max_chars_per_text:
+                    raise PayloadTooLarge(f"{where}inputs[{i}]: {len(text)} characters exceed "
+                                          f"max_chars_per_text={settings.max_chars_per_text}")
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError:  # lone surrogates from JSON escapes would crash the tokenizer
+                    raise InvalidInput(f"{where}inputs[{i}]: not valid Unicode text") from None
+
+

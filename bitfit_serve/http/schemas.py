@@ -1,0 +1,116 @@
+"""Request and response bodies (the HTTP edge only; the core speaks dataclasses)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from bitfit_serve.engine import Prediction
+from bitfit_serve.registry import TaskVersion
+from bitfit_serve.tasks import Tasks
+
+TextPair = Annotated[list[str], Field(min_length=2, max_length=2, description="[first, second] for pair tasks")]
+Inputs = Annotated[list[Union[str, TextPair]], Field(
+    min_length=1, description="Texts, or [first, second] text pairs for pair tasks (e.g. NLI).",
+    examples=[["a gripping, beautifully made film"]])]
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    inputs: Inputs
+
+
+class MixedItem(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    inputs: Inputs
+
+
+class MixedPredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    items: list[MixedItem] = Field(min_length=1)
+
+
+class PredictionOut(BaseModel):
+    label: str | None = Field(None, description="classification: the top label")
+    score: float | None = Field(None, description="classification: its probability")
+    scores: dict[str, float] | None = Field(None, description="classification: every label's probability")
+    value: float | None = Field(None, description="regression: the predicted value")
+
+
+class TaskPredictions(BaseModel):
+    task: str
+    version: str = Field(description="the task version (sha256 prefix of its delta file) that served every input")
+    predictions: list[PredictionOut]
+
+    @classmethod
+    def of(cls, task: str, predictions: list[Prediction]) -> "TaskPredictions":
+        return cls(task=task, version=predictions[0].version, predictions=[
+            PredictionOut(label=p.label, score=p.score, scores=p.scores, value=p.value) for p in predictions])
+
+
+class MixedPredictResponse(BaseModel):
+    results: list[TaskPredictions] = Field(description="one per request item, in order")
+
+
+class TaskInfo(BaseModel):
+    task: str
+    version: str
+    sha256: str
+    problem_type: str
+    labels: list[str]
+    inputs: list[str]
+    pooling: str
+    max_length: int
+    scheme: str
+    metrics: dict[str, Any]
+    train_args: dict[str, Any]
+    bytes: int = Field(description="fp32 bytes of the delta's trained values")
+    bank_bytes: int = Field(description="bank bytes one task occupies at the serving dtype")
+    sites: int = Field(description="number of trained sites (bias / LayerNorm vectors)")
+    base_model: str
+    base_fingerprint: str
+    created_at: str
+    trainer_version: str
+    loaded_at: float
+
+    @classmethod
+    def of(cls, v: TaskVersion, tasks: Tasks, **extra: Any) -> "TaskInfo":
+        """The delta's metadata as served (max_length capped at the base's positions), plus where
+        and how it is served."""
+        m = v.meta
+        return cls(task=m.task, version=v.version, sha256=v.sha256, problem_type=m.problem_type,
+                   labels=list(m.labels), inputs=list(m.inputs), pooling=m.pooling, max_length=v.max_length,
+                   scheme=m.scheme, metrics=dict(m.metrics), train_args=dict(m.train_args), bytes=v.nbytes,
+                   bank_bytes=tasks.bytes_per_task, sites=len(v.sites), base_model=m.base_model,
+                   base_fingerprint=tasks.base.fingerprint, created_at=m.created_at,
+                   trainer_version=m.trainer_version, loaded_at=v.loaded_at, **extra)
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskInfo]
+
+
+class UploadResponse(TaskInfo):
+    replaced: str | None = Field(description="the version this upload replaced, if any")
+
+
+class RemoveResponse(BaseModel):
+    task: str
+    version: str
+    removed: bool = True
+
+
+class ErrorBody(BaseModel):
+    code: str
+    message: str
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI: these statuses answer with an ErrorResponse body."""
+    return {status: {"model": ErrorResponse} for status in statuses}
