@@ -28,7 +28,7 @@ def to_delta(result: RunResult, data: TaskData, args: TrainArgs, base_model: str
         raise ValueError(f"scheme {args.scheme!r} changes weight matrices: not servable as a delta")
     params = dict(result.model.base.named_parameters())
     stats = summary(result, data.metric)
-    return Delta(
+    return Delta.of(
         task=data.name,
         sites={name: params[name].detach().float().clone() for name in result.selection.names},
         head_weight=result.model.head.weight.detach().float().clone(),

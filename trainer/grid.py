@@ -8,7 +8,7 @@ git-ignored folder. Several workers may share one runs folder (each run is claim
     bitfit-train grid --glue-dir ../shared/data/glue --threads 2
 
 Protocol (the same for every scheme): whole train sets minus a stratified validation split
-(10%, at most 2,000), the trainer's step budget (3,000 optimizer steps at batch 16, at most 20
+(10%, at most 2,000), the trainer's step budget (6,000 optimizer steps at batch 16, at most 20
 epochs), warmup + linear decay, the epoch picked on the validation split, the dev metric of that
 epoch reported. Each Table 1 scheme gets its own rate from a sweep of four (seed 0, chosen on
 validation); its extra seeds run at the winner. Tables 2 and 3 use the task's BitFit rate.
@@ -288,7 +288,7 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
     first = records[done[0].key] if done else {}
     result = {
         "model": "all-MiniLM-L6-v2 (bundled), mean pooling, max_length 128, batch 16, AdamW wd 0, clip 1.0, "
-                 "warmup 6% + linear decay, 3,000-step budget (at most 20 epochs), epoch chosen on a "
+                 "warmup 6% + linear decay, 6,000-step budget (at most 20 epochs), epoch chosen on a "
                  "validation split of train, dev metric of that epoch",
         "hardware": first.get("hardware", hardware()),
         "budget": asdict(budget),
@@ -435,7 +435,7 @@ def render_markdown(result: dict[str, Any]) -> str:
               "- Rates: Table 1 sweeps " + "; ".join(f"{k} {', '.join(f'{x:g}' for x in v)}"
                                                    for k, v in LR_CANDIDATES.items())
               + " per task and scheme; Tables 2 and 3 use the task's BitFit rate.",
-              "- Cuts from the paper's protocol: a 3,000-step budget (the paper: up to 20 epochs, "
+              "- Cuts from the paper's protocol: a 6,000-step budget (the paper: up to 20 epochs, "
               "all tasks), one seed outside Table 1's multi-seed cells, MiniLM instead of BERT-base.",
               ""]
     return "\n".join(lines)
