@@ -32,7 +32,7 @@ from typing import Sequence
 
 from bitfit_serve.engine import Engine, Prediction
 from bitfit_serve.inputs import EncodedInput, TextInput
-from bitfit_serve.errors import InvalidInput, NotReady, Overloaded
+from bitfit_serve.errors import InputTooLong, InvalidInput, NotReady, Overloaded
 from bitfit_serve.metrics import Metrics
 from bitfit_serve.registry import TaskVersion
 
@@ -129,8 +129,9 @@ class Batcher:
             raise Overloaded(f"the queue is full ({depth} of max_queue={self.max_queue} sequences waiting); "
                              f"retry after {self.retry_after_s} s", retry_after=self.retry_after_s)
 
-    async def submit(self, groups: Sequence[Group]) -> list[list[Prediction]]:
-        """Run every group's inputs on its task; returns the predictions per group, in order."""
+    async def submit(self, groups: Sequence[Group], truncate: bool = True) -> list[list[Prediction]]:
+        """Run every group's inputs on its task; returns the predictions per group, in order.
+        ``truncate`` False: an input longer than its task's max_length fails the request (422)."""
         n = sum(len(inputs) for _, inputs in groups)
         if n == 0:
             return [[] for _ in groups]
@@ -144,7 +145,7 @@ class Batcher:
         try:
             versions = self.engine.tasks.acquire(task for task, inputs in groups for _ in inputs)
             try:
-                encoded = await loop.run_in_executor(self._tokenizer, self._tokenize, versions, groups)
+                encoded = await loop.run_in_executor(self._tokenizer, self._tokenize, versions, groups, truncate)
                 request = _Request(loop, loop.create_future(), versions, [len(i) for _, i in groups],
                                    [None] * n, n)
                 with self._cond:
@@ -163,16 +164,16 @@ class Batcher:
                     self._state.depth -= n
         return await request.future
 
-    def _tokenize(self, versions: list[TaskVersion], groups: Sequence[Group]) -> list[EncodedInput]:
+    def _tokenize(self, versions: list[TaskVersion], groups: Sequence[Group], truncate: bool) -> list[EncodedInput]:
         """One tokenizer call per group; errors name the item when the request has several."""
         encoded: list[EncodedInput] = []
         for k, (_, inputs) in enumerate(groups):
             if not inputs:
                 continue
             try:
-                encoded.extend(self.engine.tokenize(versions[len(encoded)], inputs))
-            except InvalidInput as e:
-                raise InvalidInput(f"items[{k}].{e.message}" if len(groups) > 1 else e.message) from None
+                encoded.extend(self.engine.tokenize(versions[len(encoded)], inputs, truncate=truncate))
+            except (InvalidInput, InputTooLong) as e:
+                raise type(e)(f"items[{k}].{e.message}" if len(groups) > 1 else e.message) from None
         return encoded
 
     # ------------------------------------------------------------------ inference thread
@@ -231,7 +232,7 @@ class Batcher:
         self._state.overdue_at = time.monotonic() + STALL_S + STALL_FACTOR * self._s_per_token * tokens
         try:
             logits = engine.forward(engine.collate([s.encoded for s in batch], [s.version.row for s in batch]))
-            predictions = [engine.postprocess(s.version, logits[i]) for i, s in enumerate(batch)]
+            predictions = [engine.postprocess(s.version, logits[i], s.encoded) for i, s in enumerate(batch)]
         except Exception as e:  # a bug or an OOM fails this batch's requests, not the worker
             log.exception("forward failed for a batch of %d sequences", len(batch))
             for seq in batch:

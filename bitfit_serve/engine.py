@@ -20,6 +20,7 @@ import torch
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.delta import Delta, DeltaFile
+from bitfit_serve.errors import InputTooLong
 from bitfit_serve.inputs import FORWARD_OVERHEAD_TOKENS, EncodedInput, TextInput, collate, plan_batches, \
     split_pairs, tokenize
 from bitfit_serve.model.banks import Banks
@@ -38,6 +39,9 @@ class Prediction:
     score: float | None = None  # its probability
     scores: dict[str, float] | None = None  # every label's probability
     value: float | None = None  # regression output
+    logits: tuple[float, ...] = ()  # the head's raw outputs, one per label
+    tokens: int | None = None  # the input's tokens before truncation
+    truncated: bool | None = None  # the input was cut to the task's max_length
 
 
 class Engine:
@@ -80,12 +84,20 @@ class Engine:
 
     # ------------------------------------------------------------------ building blocks
     def tokenize(self, version: TaskVersion, inputs: Sequence[TextInput],
-                 positions: Sequence[int] | None = None) -> list[EncodedInput]:
+                 positions: Sequence[int] | None = None, truncate: bool = True) -> list[EncodedInput]:
         """Check each input's shape against the task (text vs pair) and tokenize in one call.
+        ``truncate`` False: an input longer than the task's max_length is an error, not cut.
 
         ``positions`` are the inputs' indices in the caller's request, for error messages."""
+        positions = positions or range(len(inputs))
         firsts, seconds = split_pairs(inputs, version.is_pair_task, version.task, version.meta.inputs, positions)
-        return tokenize(self.base.tokenizer, firsts, seconds, version.max_length)
+        encoded = tokenize(self.base.tokenizer, firsts, seconds, version.max_length)
+        if not truncate:
+            for i, e in zip(positions, encoded):
+                if e.truncated:
+                    raise InputTooLong(f"inputs[{i}]: {e.tokens} tokens exceed task {version.task!r}'s max_length "
+                                       f"{version.max_length}; send a shorter input, or truncate=true")
+        return encoded
 
     def collate(self, encoded: Sequence[EncodedInput], rows: Sequence[int]) -> EncoderBatch:
         """Right-pad to the longest sequence and attach each sequence's bank row."""
@@ -117,18 +129,21 @@ class Engine:
         return logits
 
     @staticmethod
-    def postprocess(version: TaskVersion, logits: torch.Tensor) -> Prediction:
-        """One row of logits -> the task's answer (softmax / sigmoid / raw value)."""
+    def postprocess(version: TaskVersion, logits: torch.Tensor, encoded: EncodedInput | None = None) -> Prediction:
+        """One row of logits -> the task's answer (softmax / sigmoid / raw value); ``encoded``,
+        the sequence it came from, adds its token count and whether it was truncated."""
         logits = logits[: len(version.labels)]
+        size = {} if encoded is None else {"tokens": encoded.tokens, "truncated": encoded.truncated}
+        raw = tuple(float(x) for x in logits)
         if version.problem_type == "regression":
-            return Prediction(version.task, version.version, value=float(logits[0]))
+            return Prediction(version.task, version.version, value=raw[0], logits=raw, **size)
         if version.problem_type == "multi_label_classification":
             probs = torch.sigmoid(logits)
         else:
             probs = torch.softmax(logits, dim=-1)
         best = int(torch.argmax(probs))
         return Prediction(version.task, version.version, label=version.labels[best], score=float(probs[best]),
-                          scores={label: float(p) for label, p in zip(version.labels, probs)})
+                          scores={label: float(p) for label, p in zip(version.labels, probs)}, logits=raw, **size)
 
     def predict(self, items: Iterable[tuple[str, TextInput]],
                 max_batch_size: int = MAX_BATCH_REQUESTS) -> list[Prediction]:
@@ -138,7 +153,7 @@ class Engine:
         try:
             encoded = self._tokenize_mixed(versions, [text for _, text in items])
             logits = self.forward_many(encoded, [v.row for v in versions], max_batch_size)
-            return [self.postprocess(v, row_logits) for v, row_logits in zip(versions, logits)]
+            return [self.postprocess(v, row_logits, e) for v, row_logits, e in zip(versions, logits, encoded)]
         finally:
             self.tasks.release(versions)
 

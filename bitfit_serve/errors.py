@@ -45,6 +45,13 @@ class PayloadTooLarge(BitfitError):
     code = "payload_too_large"
 
 
+class InputTooLong(BitfitError):
+    """With truncation off, an input has more tokens than its task's max_length."""
+
+    status_code = 422
+    code = "input_too_long"
+
+
 class InvalidDelta(BitfitError):
     """A delta file that cannot be served: malformed, inconsistent, or not for this base model."""
 

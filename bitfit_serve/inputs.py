@@ -29,9 +29,19 @@ class EncodedInput:
 
     input_ids: list[int]
     token_type_ids: list[int]
+    full_length: int | None = None  # tokens before truncation (None: not counted)
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    @property
+    def tokens(self) -> int:
+        """The input's length in tokens, before any truncation."""
+        return self.full_length if self.full_length is not None else len(self.input_ids)
+
+    @property
+    def truncated(self) -> bool:
+        return self.tokens > len(self.input_ids)
 
 
 @dataclass(frozen=True)
@@ -76,12 +86,22 @@ def split_pairs(inputs: Sequence[TextInput], pair: bool, task: str = "", field_n
 
 def tokenize(tokenizer: Any, firsts: Sequence[str], seconds: Sequence[str] | None,
              max_length: int) -> list[EncodedInput]:
-    """One tokenizer call: truncated to ``max_length``, with token type ids, no padding."""
+    """One tokenizer call: truncated to ``max_length``, with token type ids, no padding. Each
+    sequence knows its length before truncation: only those that reached ``max_length`` (so may
+    have been cut) are counted again, untruncated, so the common case costs one call."""
     if not firsts:
         return []
-    enc = tokenizer(list(firsts), list(seconds) if seconds is not None else None, truncation=True,
-                    max_length=max_length, return_token_type_ids=True, return_attention_mask=False)
-    return [EncodedInput(ids, types) for ids, types in zip(enc["input_ids"], enc["token_type_ids"])]
+    firsts, seconds = list(firsts), list(seconds) if seconds is not None else None
+    enc = tokenizer(firsts, seconds, truncation=True, max_length=max_length,
+                    return_token_type_ids=True, return_attention_mask=False)
+    full = {i: len(ids) for i, ids in enumerate(enc["input_ids"])}
+    cut = [i for i, ids in enumerate(enc["input_ids"]) if len(ids) >= max_length]
+    if cut:
+        counted = tokenizer([firsts[i] for i in cut], [seconds[i] for i in cut] if seconds is not None else None,
+                            truncation=False, return_token_type_ids=False, return_attention_mask=False)
+        full.update((i, len(ids)) for i, ids in zip(cut, counted["input_ids"]))
+    return [EncodedInput(ids, types, full[i])
+            for i, (ids, types) in enumerate(zip(enc["input_ids"], enc["token_type_ids"]))]
 
 
 def collate(encoded: Sequence[EncodedInput], pad_id: int) -> Padded:

@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 BATCH_TOKEN_BUCKETS = (16, 64, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+INPUT_TOKEN_BUCKETS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 class Metrics:
@@ -32,6 +33,9 @@ class Metrics:
                                       buckets=BATCH_TOKEN_BUCKETS, registry=r)
         self.forward_seconds = Histogram("bitfit_forward_duration_seconds", "Time of one batched forward pass.",
                                          buckets=LATENCY_BUCKETS, registry=r)
+        self.input_tokens = Histogram("bitfit_request_input_tokens",
+                                      "Tokens of each input before truncation (all routes and faces).",
+                                      buckets=INPUT_TOKEN_BUCKETS, registry=r)
         self.queue_depth = Gauge("bitfit_queue_depth", "Sequences admitted and waiting for a batch.", registry=r)
         self.resident_tasks = Gauge("bitfit_resident_tasks", "Tasks being served.", registry=r)
         self.bank_bytes = Gauge("bitfit_bank_bytes", "Bytes of the per-task banks (all rows, serving dtype).",

@@ -11,6 +11,7 @@ import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 
 from bitfit_serve import __version__
 from bitfit_serve.batcher import Batcher
@@ -24,6 +25,10 @@ from bitfit_serve.store import DeltaStore
 from bitfit_serve.watcher import DeltaWatcher
 
 log = logging.getLogger(__name__)
+
+# The route groups, each a module with a ``router``: the native API, then the faces of other
+# servers' protocols. Inference routes carry the tag "inference" (load shedding finds them by it).
+FACES = (inference, admin, ops)
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -58,12 +63,14 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     app = FastAPI(title="bitfit-serve", version=__version__, lifespan=lifespan, redirect_slashes=False,
                   description="One frozen encoder, thousands of BitFit tasks, mixed-task batches in one forward.")
     app.state.services = s
-    for group in (inference, admin, ops):
-        app.include_router(group.router)
+    for face in FACES:
+        app.include_router(face.router)
     install_error_handlers(app, s.metrics)
     app.add_middleware(BodyLimit, limit_for=lambda scope: (
         ("max_upload_bytes", settings.max_upload_bytes) if scope["method"] == "PUT"
         else ("max_request_bytes", settings.max_request_bytes)))
-    app.add_middleware(ShedLoad, batcher=lambda: s.batcher, metrics=s.metrics)
+    inference_routes = [r for face in FACES for r in face.router.routes
+                        if isinstance(r, APIRoute) and "inference" in r.tags]
+    app.add_middleware(ShedLoad, batcher=lambda: s.batcher, metrics=s.metrics, routes=lambda: inference_routes)
     app.add_middleware(Observe, metrics=s.metrics)  # outermost: also counts the 413s and early 503s
     return app

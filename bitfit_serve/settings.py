@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     # health, readiness and metrics stay open.
     api_key: Optional[str] = Field(None, description="key for inference and task listing "
                                                      "(Authorization: Bearer <key>)")
+    auto_truncate: bool = Field(True, description="cut inputs longer than a task's max_length (a request's "
+                                                   "'truncate' overrides); off: such an input is a 422")
     watch: bool = Field(True, description="watch the deltas folder for changes (adds, replaces, deletes)")
     metrics_per_task: bool = Field(False, description="per-task Prometheus labels (one series per task)")
     log_level: str = Field("info", description="debug, info, warning, error")

@@ -45,6 +45,7 @@ class Tasks:
         self._banks = banks
         self._registry = TaskRegistry(free_row=banks.free)
         self._lock = threading.Lock()
+        self.rejected: dict[str, str] = {}  # files in the folder that are not served -> why (sync)
 
     def use_store(self, store: DeltaStore | None) -> None:
         """Persist every change to ``store`` from now on (the server's deltas folder; None: memory only)."""
@@ -92,6 +93,7 @@ class Tasks:
                 self.store.write(name, file.data)
             try:
                 version = self._publish(file)
+                self.rejected.pop(name, None)
             except BaseException:
                 if self.store:  # keep disk and memory in agreement: put back what was there
                     self.store.restore(name, old_bytes)
@@ -105,6 +107,7 @@ class Tasks:
             removed = self._registry.unpublish(name)
             if self.store:
                 self.store.delete(name)
+            self.rejected.pop(name, None)
         return removed
 
     def sync(self, name: str) -> SyncOutcome:
@@ -113,24 +116,34 @@ class Tasks:
         served, if any, stays)."""
         store = self.require_store()
         with self._lock:
-            data = store.read(name)
-            current = self._registry.get(name) if name in self._registry else None
-            if data is None:
-                if current is None:
-                    return "absent"
-                self._registry.unpublish(name)
-                return "removed"
-            if current is not None and current.sha256 == delta_io.sha256_bytes(data):
-                return "unchanged"
-            source = str(store.path_for(name))
-            file = delta_io.parse(data, source=source)
-            if file.delta.task != name:
-                raise InvalidDelta(f"{source}: the file is named {name!r} but its metadata says task "
-                                   f"{file.delta.task!r}; rename the file to {file.delta.task}{SUFFIX} "
-                                   f"(or upload it over HTTP, which renames it)")
-            self.check(file.delta)
-            self._publish(file)
-            return "added" if current is None else "replaced"
+            try:
+                outcome = self._sync(store, name)
+            except InvalidDelta as e:
+                self.rejected[name] = e.message
+                raise
+            self.rejected.pop(name, None)
+            return outcome
+
+    def _sync(self, store: DeltaStore, name: str) -> SyncOutcome:
+        """``sync`` under the lock."""
+        data = store.read(name)
+        current = self._registry.get(name) if name in self._registry else None
+        if data is None:
+            if current is None:
+                return "absent"
+            self._registry.unpublish(name)
+            return "removed"
+        if current is not None and current.sha256 == delta_io.sha256_bytes(data):
+            return "unchanged"
+        source = str(store.path_for(name))
+        file = delta_io.parse(data, source=source)
+        if file.delta.task != name:
+            raise InvalidDelta(f"{source}: the file is named {name!r} but its metadata says task "
+                               f"{file.delta.task!r}; rename the file to {file.delta.task}{SUFFIX} "
+                               f"(or upload it over HTTP, which renames it)")
+        self.check(file.delta)
+        self._publish(file)
+        return "added" if current is None else "replaced"
 
     def load_all(self) -> dict[str, str]:
         """Start-up: load every delta file; a bad one is logged and skipped. Returns task -> outcome

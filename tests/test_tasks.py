@@ -67,12 +67,15 @@ def test_sync_follows_the_folder_and_load_all_skips_bad_files(tasks, delta_bytes
     report = tasks.load_all()
     assert report["a"] == "added" and "rename the file to b.safetensors" in report["c"]
     assert report["d"].startswith("error:") and "c" not in tasks and "d" not in tasks
+    assert set(tasks.rejected) == {"c", "d"} and "rename the file" in tasks.rejected["c"]  # kept for listing
     store.write("a", delta_bytes("a", seed=3))
     assert tasks.sync("a") == "replaced"
     store.delete("a")
     assert tasks.sync("a") == "removed" and tasks.sync("a") == "absent"
     with pytest.raises(InvalidDelta):
         tasks.sync("d")
+    store.delete("d")
+    assert tasks.sync("d") == "absent" and set(tasks.rejected) == {"c"}
 
 
 def test_a_tasks_room_without_a_store_serves_from_memory(engine, delta_bytes):

@@ -11,7 +11,11 @@ import logging
 import time
 from typing import Callable
 
+from typing import Sequence
+
 from fastapi import FastAPI, Request
+from fastapi.routing import APIRoute
+from starlette.routing import Match
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
@@ -32,7 +36,21 @@ def _error(status: int, code: str, message: str, headers: dict[str, str] | None 
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
-def _core_error_response(e: BitfitError, metrics: Metrics) -> JSONResponse:
+# A face that mimics another server answers errors in that server's shape: route tag -> a function
+# (status, code, message, headers) -> response. Routes without such a tag get the native body.
+ErrorFormat = Callable[[int, str, str, "dict[str, str] | None"], JSONResponse]
+ERROR_FORMATS: dict[str, ErrorFormat] = {}
+
+
+def error_format(scope: Scope) -> ErrorFormat:
+    """The error shape of the route a request matched (the native one if none claims it)."""
+    for tag in getattr(scope.get("route"), "tags", None) or ():
+        if tag in ERROR_FORMATS:
+            return ERROR_FORMATS[tag]
+    return _error
+
+
+def _core_error_response(e: BitfitError, metrics: Metrics, fmt: ErrorFormat = _error) -> JSONResponse:
     """The JSON error for one of our exceptions, with the headers its status calls for; counted."""
     headers = None
     if isinstance(e, Overloaded):
@@ -42,32 +60,33 @@ def _core_error_response(e: BitfitError, metrics: Metrics) -> JSONResponse:
     elif isinstance(e, Unauthorized):
         headers = {"WWW-Authenticate": "Bearer"}
     metrics.errors.labels(e.code).inc()
-    return _error(e.status_code, e.code, e.message, headers)
+    return fmt(e.status_code, e.code, e.message, headers)
 
 
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
-    def respond(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    def respond(request: Request, status: int, code: str, message: str,
+                headers: dict[str, str] | None = None) -> JSONResponse:
         metrics.errors.labels(code).inc()
-        return _error(status, code, message, headers)
+        return error_format(request.scope)(status, code, message, headers)
 
     @app.exception_handler(BitfitError)
     async def core_error(request: Request, e: BitfitError) -> JSONResponse:
-        return _core_error_response(e, metrics)
+        return _core_error_response(e, metrics, error_format(request.scope))
 
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
                     for err in e.errors()[:5]]
-        return respond(400, InvalidInput.code, "invalid request: " + "; ".join(problems))
+        return respond(request, 400, InvalidInput.code, "invalid request: " + "; ".join(problems))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, e: HTTPException) -> JSONResponse:
-        return respond(e.status_code, HTTP_CODES.get(e.status_code, "http_error"), str(e.detail), e.headers)
+        return respond(request, e.status_code, HTTP_CODES.get(e.status_code, "http_error"), str(e.detail), e.headers)
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, e: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
-        return respond(500, "internal_error", "internal server error")
+        return respond(request, 500, "internal_error", "internal server error")
 
 
 class BodyLimit:
@@ -108,34 +127,28 @@ class ShedLoad:
     take the event loop from the requests it does admit: their latency would grow with the
     offered load instead of staying bounded by the queue."""
 
-    def __init__(self, app: ASGIApp, batcher: Callable[[], Batcher | None], metrics: Metrics):
+    def __init__(self, app: ASGIApp, batcher: Callable[[], Batcher | None], metrics: Metrics,
+                 routes: Callable[[], Sequence[APIRoute]]):
         self.app = app
         self.batcher = batcher
         self.metrics = metrics
+        self.routes = routes  # the inference routes of every face (tag "inference")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        route = _predict_route(scope) if scope["type"] == "http" else None
+        route = self._inference_route(scope) if scope["type"] == "http" else None
         batcher = self.batcher() if route else None
         if batcher is not None:
             try:
                 batcher.check_room()
             except Overloaded as e:
-                scope["bitfit.route"] = route  # for Observe: no route was matched
-                await _core_error_response(e, self.metrics)(scope, receive, send)
+                scope["bitfit.route"] = route.path  # for Observe: routing has not run yet
+                fmt = error_format({"route": route})
+                await _core_error_response(e, self.metrics, fmt)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 
-
-def _predict_route(scope: Scope) -> str | None:
-    """The route template of an inference request, or None."""
-    if scope["method"] != "POST":
-        return None
-    path = scope["path"]
-    if path == "/v1/predict":
-        return path
-    parts = path.split("/")
-    return "/v1/tasks/{task}/predict" if len(parts) == 5 and parts[:3] == ["", "v1", "tasks"] \
-        and parts[4] == "predict" else None
+    def _inference_route(self, scope: Scope) -> APIRoute | None:
+        return next((r for r in self.routes() if r.matches(scope)[0] == Match.FULL), None)
 
 
 class Observe:

@@ -25,7 +25,7 @@ router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)],
 async def predict(task: str, body: PredictRequest, s: ServicesDep) -> TaskPredictions:
     """Run one task on a list of texts (or text pairs)."""
     check_limits(s.settings, [body.inputs])
-    (predictions,) = await run(s, [(task, body.inputs)])
+    (predictions,) = await run(s, [(task, body.inputs)], body.truncate)
     return TaskPredictions.of(task, predictions)
 
 
@@ -36,22 +36,25 @@ async def predict_mixed(body: MixedPredictRequest, s: ServicesDep) -> MixedPredi
         raise PayloadTooLarge(f"{len(body.items)} items exceed max_items_per_predict="
                               f"{s.settings.max_items_per_predict}")
     check_limits(s.settings, [item.inputs for item in body.items])
-    results = await run(s, [(item.task, item.inputs) for item in body.items])
+    results = await run(s, [(item.task, item.inputs) for item in body.items], body.truncate)
     return MixedPredictResponse(results=[TaskPredictions.of(item.task, predictions)
                                          for item, predictions in zip(body.items, results)])
 
 
-async def run(s: Services, groups: Sequence[Group]) -> list[list[Prediction]]:
-    """Submit to the batcher and count the sequences per task. Admission checks only that the
+async def run(s: Services, groups: Sequence[Group], truncate: bool | None = None) -> list[list[Prediction]]:
+    """Submit to the batcher and count the sequences per task: every face (native or not) comes
+    through here. ``truncate`` None: the server's ``auto_truncate``. Admission checks only that the
     worker runs (submit raises NotReady otherwise); a slow forward makes /ready fail for load
     balancers but must not reject requests already routed here."""
     if s.batcher is None:
         raise NotReady("the server is not ready: the inference worker is not running")
     start = time.perf_counter()
-    out = await s.batcher.submit(groups)
+    out = await s.batcher.submit(groups, s.settings.auto_truncate if truncate is None else truncate)
     sequences: Counter[str] = Counter()
-    for task, inputs in groups:
+    for (task, inputs), predictions in zip(groups, out):
         sequences[task] += len(inputs)
+        for p in predictions:
+            s.metrics.input_tokens.observe(p.tokens or 0)
     s.metrics.observe_tasks(sequences, time.perf_counter() - start)
     return out
 

@@ -16,9 +16,14 @@ Inputs = Annotated[list[Union[str, TextPair]], Field(
     examples=[["a gripping, beautifully made film"]])]
 
 
+Truncate = Annotated[bool | None, Field(description="cut inputs longer than the task's max_length (default: "
+                                                    "the server's --auto-truncate); false: such an input is a 422")]
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: Inputs
+    truncate: Truncate = None
 
 
 class MixedItem(BaseModel):
@@ -30,6 +35,7 @@ class MixedItem(BaseModel):
 class MixedPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: list[MixedItem] = Field(min_length=1)
+    truncate: Truncate = None
 
 
 class PredictionOut(BaseModel):
@@ -37,6 +43,8 @@ class PredictionOut(BaseModel):
     score: float | None = Field(None, description="classification: its probability")
     scores: dict[str, float] | None = Field(None, description="classification: every label's probability")
     value: float | None = Field(None, description="regression: the predicted value")
+    tokens: int | None = Field(None, description="the input's tokens before truncation")
+    truncated: bool | None = Field(None, description="the input was cut to the task's max_length")
 
 
 class TaskPredictions(BaseModel):
@@ -47,7 +55,8 @@ class TaskPredictions(BaseModel):
     @classmethod
     def of(cls, task: str, predictions: list[Prediction]) -> "TaskPredictions":
         return cls(task=task, version=predictions[0].version, predictions=[
-            PredictionOut(label=p.label, score=p.score, scores=p.scores, value=p.value) for p in predictions])
+            PredictionOut(label=p.label, score=p.score, scores=p.scores, value=p.value, tokens=p.tokens,
+                          truncated=p.truncated) for p in predictions])
 
 
 class MixedPredictResponse(BaseModel):

@@ -8,7 +8,7 @@ import pytest
 
 from bitfit_serve.engine import Prediction
 from tests.factories import SENTENCES
-from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, serving, write_delta
+from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, assert_error, serving, write_delta
 
 pytestmark = pytest.mark.anyio
 
@@ -22,11 +22,12 @@ def _inputs(task: str) -> list:
 
 def assert_matches(got: dict, expected: Prediction) -> None:
     """One prediction of a response against the engine's for the same input."""
+    assert (got["tokens"], got["truncated"]) == (expected.tokens, expected.truncated)
     if expected.value is not None:
-        assert set(got) == {"value"}
+        assert set(got) == {"value", "tokens", "truncated"}
         assert got["value"] == pytest.approx(expected.value, abs=1e-5)
         return
-    assert set(got) == {"label", "score", "scores"}
+    assert set(got) == {"label", "score", "scores", "tokens", "truncated"}
     assert got["label"] == expected.label
     assert got["scores"] == pytest.approx(expected.scores, abs=1e-5)
     assert got["score"] == pytest.approx(expected.score, abs=1e-5)
@@ -95,5 +96,25 @@ async def test_regression_and_classification_shapes(engine, four_tasks):
     async with serving(engine, four_tasks) as client:
         sts = (await client.post("/v1/tasks/sts/predict", json={"inputs": ["a"]})).json()["predictions"][0]
         sst = (await client.post("/v1/tasks/sst/predict", json={"inputs": ["a"]})).json()["predictions"][0]
-    assert set(sts) == {"value"}
-    assert set(sst) == {"label", "score", "scores"} and set(sst["scores"]) == {"label_0", "label_1"}
+    assert set(sts) == {"value", "tokens", "truncated"}
+    assert set(sst) == {"label", "score", "scores", "tokens", "truncated"} and set(sst["scores"]) == {"label_0", "label_1"}
+
+
+async def test_truncation_is_reported_and_can_be_refused(engine, four_tasks, deltas_dir, delta_bytes):
+    write_delta(deltas_dir, "short", delta_bytes("short", max_length=8))
+    long_text = " ".join(["word"] * 40)
+    async with serving(engine, four_tasks) as client:
+        r = await client.post("/v1/tasks/short/predict", json={"inputs": ["a b", long_text]})
+        short, cut = r.json()["predictions"]
+        assert (short["truncated"], cut["truncated"]) == (False, True) and cut["tokens"] == 42 > 8
+        r = await client.post("/v1/tasks/short/predict", json={"inputs": ["a b", long_text], "truncate": False})
+        assert_error(r, 422, "input_too_long", "inputs[1]: 42 tokens exceed", "max_length 8")
+        r = await client.post("/v1/predict", json={"truncate": False, "items": [
+            {"task": "sst", "inputs": ["ok"]}, {"task": "short", "inputs": [long_text]}]})
+        assert_error(r, 422, "input_too_long", "items[1].inputs[0]")
+        assert "bitfit_request_input_tokens_count 2.0" in (await client.get("/metrics")).text  # refused: none
+    async with serving(engine, four_tasks, auto_truncate=False) as client:
+        r = await client.post("/v1/tasks/short/predict", json={"inputs": [long_text]})
+        assert_error(r, 422, "input_too_long")
+        r = await client.post("/v1/tasks/short/predict", json={"inputs": [long_text], "truncate": True})
+        assert r.status_code == 200 and r.json()["predictions"][0]["truncated"]
