@@ -8,7 +8,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import logging.config
 import types
 from inspect import Parameter, Signature
 from pathlib import Path
@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.errors import InvalidDelta
+from bitfit_serve.logs import log_config
 from bitfit_serve.settings import ENV_PREFIX, Settings, explain
 from bitfit_serve.store import DeltaStore
 
@@ -65,14 +66,15 @@ def serve(**options) -> None:
     except ValidationError as e:
         flags = [f"--{err['loc'][0].replace('_', '-')}" for err in e.errors() if err["loc"]]
         raise typer.BadParameter(explain(e), param_hint=flags or None) from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = log_config(settings.log_level, settings.log_format)
+    logging.config.dictConfig(config)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, before any forward; the inference thread inherits it
     engine = Engine.from_pretrained(None if settings.model == "default" else settings.model,
                                     device=settings.device, dtype=settings.dtype,
                                     forward_overhead_tokens=settings.forward_overhead_tokens)
     uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower())
+                log_level=settings.log_level.lower(), log_config=config)
 
 
 @app.command()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import (Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo, field_validator,
                       model_validator)
@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     watch: bool = Field(True, description="watch the deltas folder for changes (adds, replaces, deletes)")
     metrics_per_task: bool = Field(False, description="per-task Prometheus labels (one series per task)")
     log_level: str = Field("info", description="debug, info, warning, error")
+    log_format: Literal["text", "json"] = Field("text", description="text, or json: one JSON object per line "
+                                                                    "(our logs and uvicorn's access log)")
 
     @field_validator("admin_token", "api_key")
     @classmethod
