@@ -99,7 +99,8 @@ def train(
     val_fraction: float = typer.Option(TrainArgs.val_fraction, help="share of train held out (stratified, "
                                        "at most 2,000 examples) to pick the epoch and --lr auto's rate"),
     patience: int = typer.Option(TrainArgs.patience, help="early stop after this many epochs without a better "
-                                 "val score, once half the budget is spent; 0 = off"),
+                                 "val score, once half the budget is spent and the model has left the "
+                                 "class prior; 0 = off"),
     seed: int = typer.Option(0),
     max_train_examples: Optional[int] = typer.Option(None, help="seeded random subsample of the train set"),
     rand_count: Optional[int] = typer.Option(None, help="entries trained by rand_* schemes"),

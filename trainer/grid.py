@@ -312,7 +312,42 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
     if previous.exists() and HAND_WRITTEN in previous.read_text():  # keep the hand-written analysis
         markdown += "\n" + previous.read_text()[previous.read_text().index(HAND_WRITTEN):]
     atomic_write(previous, markdown.encode())
+    plot_curves(records, planned, results_dir / "accuracy_curves.png")
     return result
+
+
+def plot_curves(records: dict[str, dict[str, Any]], planned: list[Run], out: Path) -> Path | None:
+    """Dev metric per epoch of every Table 1 seed-0 run, bitfit vs full (one panel per task, one
+    line per rate; the epoch the validation split chose is marked): where each converged."""
+    runs = [r for r in planned if r.table == "1" and r.seed == 0 and r.scheme in ("bitfit", "full")
+            and r.key in records]
+    if not runs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = [t for t in TASKS if any(r.task == t for r in runs)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4 * len(tasks), 3.4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        for r in (r for r in runs if r.task == task):
+            rec = records[r.key]
+            metric = rec["metric"]
+            curve = [h["dev"][metric] for h in rec["history"]]
+            style = "-" if r.scheme == "bitfit" else "--"
+            line, = ax.plot(range(1, len(curve) + 1), curve, style, label=f"{r.scheme} {r.lr:g}")
+            chosen = rec["selected_epoch"]
+            ax.plot([chosen], [curve[chosen - 1]], "o", color=line.get_color())
+        ax.set_title(f"{DISPLAY[task]} (dev {METRIC_NAMES[HEADLINE[task][0]]})")
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.suptitle("Learning curves, seed 0 (dot: the epoch chosen on the validation split)", fontsize=9)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def _sessions(runs_dir: Path) -> list[dict[str, Any]]:
@@ -398,6 +433,8 @@ def render_markdown(result: dict[str, Any]) -> str:
         for task, c in result["dtype_check"].items():
             lines.append(f"| {DISPLAY[task]} | {c['metric']} | {c['float32']:.1f} | {c[b['dtype']]:.1f} | "
                          f"{c['wall_s_float32']:.0f} / {c['wall_s_' + b['dtype']]:.0f} |")
+    lines += ["", "Learning curves (dev metric per epoch, bitfit vs full, every swept rate): "
+              "![learning curves](accuracy_curves.png)"]
     lines += ["", "## Table 2: ablations (CoLA, MRPC, RTE), beside the BitFit+ report", "",
               _row(["scheme", "trained values", *(f"{DISPLAY[t]} ({' / '.join(METRIC_NAMES[m] for m in HEADLINE[t])})"
                                                   for t in TABLE2_TASKS), "BitFit+ (BERT-base) CoLA / MRPC / RTE"]),

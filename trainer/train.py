@@ -76,7 +76,9 @@ class TrainArgs:
     # Validation split carved from train: picks the epoch (and --lr auto's rate); dev is reported only.
     val_fraction: float = 0.1
     max_val_examples: int | None = 2000
-    patience: int | None = 3  # stop after this many epochs without a better val score (past half the budget)
+    # Early stopping: after this many epochs without a better val score, once half the budget is
+    # spent and the best epoch has left the class prior (see collapse_warnings).
+    patience: int | None = 3
     max_train_examples: int | None = None
     rand_count: int | None = None  # entries trained by the random schemes (None: see schemes.select)
     max_steps: int | None = None  # stop after this many optimizer steps (smoke tests)
@@ -373,9 +375,9 @@ def train(data: TaskData, args: TrainArgs, model_path: str | Path | None = None,
                 stopped_early = epoch < epochs
                 break
             if (args.patience and epoch - best[1] >= args.patience and step >= total_steps / 2
-                    and epoch < epochs):
-                stopped_early = True
-                break
+                    and epoch < epochs and not collapse_warnings(best[3], val_enc.labels, train_enc.labels, data)):
+                stopped_early = True  # only once the best epoch has left the class prior: a run
+                break  # still sitting there (often for 1,000+ steps) must get its whole budget
     finally:
         for h in hooks:
             h.remove()

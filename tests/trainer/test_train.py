@@ -266,14 +266,27 @@ def test_the_model_holds_the_epoch_with_the_best_validation_score(tiny_bert_dir,
     assert delta_io.load(out).metrics["dev"] == rec["final"]
 
 
-def test_early_stopping_waits_for_half_the_budget_then_stops(tiny_bert_dir):
+def test_early_stopping_waits_for_half_the_budget_then_stops(tiny_bert_dir, monkeypatch):
+    import trainer.train as train_module
+
     data = _single(40)
+    learned = lambda *a: ()  # noqa: E731  (the best epoch is off the class prior)
+    monkeypatch.setattr(train_module, "collapse_warnings", learned)
     # lr 0: nothing ever improves after epoch 1
     result = train(data, _args(epochs=12, lr=0.0, patience=2), tiny_bert_dir, progress=False)
     assert result.stopped_early and result.selected_epoch == 1
     assert len(result.history) == 6  # past half of 12 epochs' steps, 2 epochs without a better score
     full = train(data, _args(epochs=3, lr=0.0, patience=2), tiny_bert_dir, progress=False)
     assert len(full.history) == 3 and not full.stopped_early
+
+
+def test_a_run_still_at_the_class_prior_is_never_stopped_early(tiny_bert_dir, monkeypatch):
+    """Bias-only training can sit at the prior for 1,000+ steps before it learns: no early stop then."""
+    import trainer.train as train_module
+
+    monkeypatch.setattr(train_module, "collapse_warnings", lambda *a: ("predicts 'pos' for 100%",))
+    result = train(_single(40), _args(epochs=12, lr=0.0, patience=2), tiny_bert_dir, progress=False)
+    assert len(result.history) == 12 and not result.stopped_early
 
 
 def test_one_class_and_prior_warnings():
