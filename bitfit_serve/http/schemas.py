@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from bitfit_serve.engine import Prediction
-from bitfit_serve.registry import TaskVersion
-from bitfit_serve.tasks import Tasks
+if TYPE_CHECKING:  # the client imports these models: no torch for it
+    from bitfit_serve.engine import Prediction
+    from bitfit_serve.registry import TaskVersion
+    from bitfit_serve.tasks import Tasks
 
 TextPair = Annotated[list[str], Field(min_length=2, max_length=2, description="[first, second] for pair tasks")]
 Inputs = Annotated[list[Union[str, TextPair]], Field(
