@@ -14,6 +14,11 @@ p50/p99 latency, failed requests, and from the server's own ``/metrics``:
   latency): the part of a request's time spent in HTTP, JSON, queueing, tokenizing, batching.
 
 The client shares the machine's cores with the server (2 cores here), which is part of the cost.
+
+``--faces native,tei`` runs each level once per face, in alternating slices of ``--slices`` (so a
+slow spell of the machine hits both): the native route against the TEI face's
+``POST /tasks/{task}/predict`` (``{"inputs": text or [a, b]}``), same server, same inputs. The
+result records each face's throughput and the ratio tei / native per level.
 """
 
 from __future__ import annotations
@@ -29,8 +34,14 @@ from benchmarks import cli, glue, live, models, plotting, timing
 NAME = "http_e2e"
 
 
+FACES = {  # face -> (path of a task's prediction route, request body for one input)
+    "native": ("/v1/tasks/{task}/predict", lambda item: {"inputs": [item]}),
+    "tei": ("/tasks/{task}/predict", lambda item: {"inputs": item}),
+}
+
+
 async def load_level(url: str, clients: int, duration_s: float, tasks: dict[str, bool], singles, pairs,
-                     seed: int) -> dict:
+                     seed: int, face: str = "native") -> dict:
     """``clients`` closed-loop clients for ``duration_s``: latencies (s) and status counts."""
     import httpx
 
@@ -46,7 +57,8 @@ async def load_level(url: str, clients: int, duration_s: float, tasks: dict[str,
             item = list(rng.choice(pairs)) if tasks[task] else rng.choice(singles)
             start = time.perf_counter()
             try:
-                r = await http.post(f"{url}/v1/tasks/{task}/predict", json={"inputs": [item]})
+                route, body = FACES[face]
+                r = await http.post(url + route.format(task=task), json=body(item))
                 status = str(r.status_code)
             except httpx.HTTPError as e:
                 status = type(e).__name__
@@ -65,7 +77,9 @@ def main() -> None:
     p = cli.parser(__doc__)
     p.add_argument("--clients", default="1,16,64")
     p.add_argument("--tasks", type=int, default=100)
-    p.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per concurrency level (and face)")
+    p.add_argument("--faces", default="native", help="native, tei or both (native,tei): the ratio tei/native")
+    p.add_argument("--slices", type=int, default=6, help="alternating slices per level when comparing faces")
     args = p.parse_args()
     cli.setup(args)
     load_before = cli.load_average()
@@ -83,9 +97,18 @@ def main() -> None:
                          log_path=Path(tmp) / "server.log") as server:
             asyncio.run(load_level(server.url, 2, 1.0, tasks, singles, pairs, seed=1))  # warm-up
             results = {}
+            faces = [f.strip() for f in args.faces.split(",")]
             for c in levels:
+                if len(faces) > 1:
+                    results[f"c{c}_faces"] = compare_faces(server.url, c, duration, tasks, singles, pairs,
+                                                           args.seed + c, faces, args.slices)
+                    shown = "  ".join(f"{f} {v['requests_per_s']:.1f} req/s" for f, v in
+                                      results[f"c{c}_faces"]["faces"].items())
+                    print(f"{c:3d} clients: {shown}  ratio {results[f'c{c}_faces']['ratio']:.3f}")
+                    continue
                 before = server.metrics(*live.FORWARD_COUNTERS)
-                run = asyncio.run(load_level(server.url, c, duration, tasks, singles, pairs, seed=args.seed + c))
+                run = asyncio.run(load_level(server.url, c, duration, tasks, singles, pairs, seed=args.seed + c,
+                                             face=faces[0]))
                 after = server.metrics(*live.FORWARD_COUNTERS)
                 f_sum, f_count = (after[n] - before[n] for n in live.FORWARD_COUNTERS[:2])
                 lat = run["latencies_s"]
@@ -112,8 +135,31 @@ def main() -> None:
             command = server.command
 
     cli.write_result(args, NAME, {"model": str(path), "tasks": n_tasks, "server_command": command,
-                                  "duration_s_per_level": duration, "levels": results}, load_before)
-    plot(args, results)
+                                  "duration_s_per_level": duration, "faces": faces, "levels": results}, load_before)
+    if len(faces) == 1:
+        plot(args, results)
+
+
+def compare_faces(url: str, clients: int, duration: float, tasks: dict[str, bool], singles, pairs, seed: int,
+                  faces: list[str], slices: int) -> dict:
+    """Each face for ``duration`` seconds in all, in ``slices`` alternating slices; throughput per
+    face and the ratio of the second to the first (e.g. tei / native)."""
+    runs: dict[str, list[dict]] = {f: [] for f in faces}
+    for k in range(slices):
+        for face in (faces if k % 2 == 0 else faces[::-1]):
+            runs[face].append(asyncio.run(load_level(url, clients, duration / slices, tasks, singles, pairs,
+                                                     seed=seed + k, face=face)))
+    out = {}
+    for face, parts in runs.items():
+        lat = [x for p in parts for x in p["latencies_s"]]
+        ok = sum(p["statuses"].get("200", 0) for p in parts)
+        wall = sum(p["wall_s"] for p in parts)
+        out[face] = {"requests": len(lat), "ok": ok, "failed": len(lat) - ok, "wall_s": wall,
+                     "requests_per_s": ok / wall, "latency_ms": {k: v * 1e3 for k, v in timing.stats(lat).items()
+                                                                 if k != "n"},
+                     "slice_requests_per_s": [p["statuses"].get("200", 0) / p["wall_s"] for p in parts]}
+    return {"clients": clients, "faces": out,
+            "ratio": out[faces[1]]["requests_per_s"] / out[faces[0]]["requests_per_s"]}
 
 
 def plot(args, results: dict) -> None:

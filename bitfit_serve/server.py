@@ -16,7 +16,7 @@ from fastapi.routing import APIRoute
 from bitfit_serve import __version__
 from bitfit_serve.batcher import Batcher
 from bitfit_serve.engine import Engine
-from bitfit_serve.http import admin, inference, ops
+from bitfit_serve.http import admin, hf_inference, inference, kserve, openai_compat, ops, tei
 from bitfit_serve.http.edge import BodyLimit, Observe, ShedLoad, install_error_handlers
 from bitfit_serve.http.services import Services
 from bitfit_serve.metrics import Metrics
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 # The route groups, each a module with a ``router``: the native API, then the faces of other
 # servers' protocols. Inference routes carry the tag "inference" (load shedding finds them by it).
-FACES = (inference, admin, ops)
+FACES = (inference, admin, ops, openai_compat, kserve, tei, hf_inference)
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
@@ -66,11 +66,11 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     for face in FACES:
         app.include_router(face.router)
     install_error_handlers(app, s.metrics)
-    app.add_middleware(BodyLimit, limit_for=lambda scope: (
+    routes = [r for face in FACES for r in face.router.routes if isinstance(r, APIRoute)]
+    inference_routes = [r for r in routes if "inference" in r.tags]
+    app.add_middleware(BodyLimit, routes=lambda: routes, limit_for=lambda scope: (
         ("max_upload_bytes", settings.max_upload_bytes) if scope["method"] == "PUT"
         else ("max_request_bytes", settings.max_request_bytes)))
-    inference_routes = [r for face in FACES for r in face.router.routes
-                        if isinstance(r, APIRoute) and "inference" in r.tags]
     app.add_middleware(ShedLoad, batcher=lambda: s.batcher, metrics=s.metrics, routes=lambda: inference_routes)
     app.add_middleware(Observe, metrics=s.metrics)  # outermost: also counts the 413s and early 503s
     return app

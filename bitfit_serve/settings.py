@@ -71,6 +71,7 @@ class Settings(BaseSettings):
                                                      "(Authorization: Bearer <key>)")
     auto_truncate: bool = Field(True, description="cut inputs longer than a task's max_length (a request's "
                                                    "'truncate' overrides); off: such an input is a 422")
+    default_task: Optional[str] = Field(None, description="task served by the TEI face's POST /predict and /info")
     watch: bool = Field(True, description="watch the deltas folder for changes (adds, replaces, deletes)")
     metrics_per_task: bool = Field(False, description="per-task Prometheus labels (one series per task)")
     log_level: str = Field("info", description="debug, info, warning, error")

@@ -20,8 +20,8 @@ POSITIVE_INTS = ["max_batch_tokens", "max_batch_requests", "max_queue", "retry_a
 FLAGS = ["--model", "--deltas", "--host", "--port", "--device", "--dtype", "--threads", "--max-batch-tokens",
          "--max-batch-requests", "--forward-overhead-tokens", "--max-queue", "--retry-after-s",
          "--max-texts-per-request", "--max-chars-per-text", "--max-items-per-predict", "--max-request-bytes",
-         "--max-upload-bytes", "--admin-token", "--allow-insecure-admin", "--api-key", "--watch",
-         "--metrics-per-task", "--log-level"]
+         "--max-upload-bytes", "--admin-token", "--allow-insecure-admin", "--api-key", "--auto-truncate",
+         "--default-task", "--watch", "--metrics-per-task", "--log-level", "--log-format"]
 WIDE = {"COLUMNS": "400"}  # typer's rich help and errors: no wrapped or cut lines
 
 

@@ -93,9 +93,11 @@ class BodyLimit:
     """Cap request bodies while they stream in, whatever Content-Length claims: a declared length
     over the cap is refused before reading; otherwise reading stops with 413 once past the cap."""
 
-    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], tuple[str, int]]):
+    def __init__(self, app: ASGIApp, limit_for: Callable[[Scope], tuple[str, int]],
+                 routes: Callable[[], Sequence[APIRoute]] = lambda: ()):
         self.app = app
         self.limit_for = limit_for
+        self.routes = routes  # to answer a refusal before routing in the matched face's error shape
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,7 +107,8 @@ class BodyLimit:
         too_large = f"the request body exceeds {name}={limit} bytes"
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
-            await _error(413, PayloadTooLarge.code, too_large)(scope, receive, send)
+            fmt = error_format({"route": matching_route(self.routes(), scope)})
+            await fmt(413, PayloadTooLarge.code, too_large, None)(scope, receive, send)
             return
         received = 0
 
@@ -148,7 +151,12 @@ class ShedLoad:
         await self.app(scope, receive, send)
 
     def _inference_route(self, scope: Scope) -> APIRoute | None:
-        return next((r for r in self.routes() if r.matches(scope)[0] == Match.FULL), None)
+        return matching_route(self.routes(), scope)
+
+
+def matching_route(routes: Sequence[APIRoute], scope: Scope) -> APIRoute | None:
+    """The route a request will reach, found before routing runs (for the middlewares)."""
+    return next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
 
 
 class Observe:

@@ -90,6 +90,19 @@ def test_hot_add_open_loop_load_records_how_busy_the_server_was(tiny_bert_dir, g
                                                             "after_100ms_busy_wait"}
 
 
+def test_http_e2e_compares_the_tei_face_with_the_native_route(tiny_bert_dir, glue_dir, tmp_path, monkeypatch):
+    from benchmarks import http_e2e
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/http_e2e.py", "--quick", "--model", str(tiny_bert_dir),
+                                      "--glue-dir", str(glue_dir), "--out", str(tmp_path), "--faces", "native,tei",
+                                      "--slices", "2"])
+    http_e2e.main()
+    levels = json.loads((tmp_path / "http_e2e.json").read_text())["levels"]
+    for level in levels.values():
+        assert set(level["faces"]) == {"native", "tei"} and level["ratio"] > 0
+        assert all(face["failed"] == 0 and face["ok"] > 0 for face in level["faces"].values())
+
+
 def test_server_is_not_fooled_by_another_process_on_its_port(tiny_bert_dir, tmp_path, monkeypatch):
     """The port is picked free, then bound later; if another process takes it in between, its
     /ready must not pass for the benchmark's server (whose bind then fails)."""
