@@ -61,8 +61,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "cpu",
                         dtype: str | torch.dtype = "float32", initial_capacity: int = 8,
-                        forward_overhead_tokens: int | None = None) -> "Engine":
-        return cls(load_base(path, device=device, dtype=dtype), initial_capacity=initial_capacity,
+                        forward_overhead_tokens: int | None = None, revision: str | None = None) -> "Engine":
+        """``path``: None or 'default' (the bundled MiniLM), a local HF folder, or a hub id (with
+        ``revision``) found in the Hugging Face cache."""
+        return cls(load_base(path, device=device, dtype=dtype, revision=revision), initial_capacity=initial_capacity,
                    forward_overhead_tokens=forward_overhead_tokens)
 
     # ------------------------------------------------------------------ Python API conveniences

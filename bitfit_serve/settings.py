@@ -29,7 +29,9 @@ MAX_BATCH_REQUESTS = 64
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, frozen=True, extra="forbid")
 
-    model: str = Field("default", description="HF model folder, or 'default' for the bundled MiniLM")
+    model: str = Field("default", description="'default' (the bundled MiniLM), a local HF model folder, or a "
+                                              "Hugging Face id found in the HF cache (HF_HUB_OFFLINE honoured)")
+    revision: Optional[str] = Field(None, description="with a Hugging Face id: branch, tag or commit")
     deltas: Path = Field(Path("deltas"), description="deltas folder: loaded at start-up, watched, uploads land "
                                                      "here (created if missing)")
     host: str = Field("127.0.0.1", description="address to listen on")

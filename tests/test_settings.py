@@ -17,7 +17,7 @@ runner = CliRunner()
 
 POSITIVE_INTS = ["max_batch_tokens", "max_batch_requests", "max_queue", "retry_after_s", "max_texts_per_request",
                  "max_chars_per_text", "max_items_per_predict", "max_request_bytes", "max_upload_bytes"]
-FLAGS = ["--model", "--deltas", "--host", "--port", "--device", "--dtype", "--threads", "--max-batch-tokens",
+FLAGS = ["--model", "--revision", "--deltas", "--host", "--port", "--device", "--dtype", "--threads", "--max-batch-tokens",
          "--max-batch-requests", "--forward-overhead-tokens", "--max-queue", "--retry-after-s",
          "--max-texts-per-request", "--max-chars-per-text", "--max-items-per-predict", "--max-request-bytes",
          "--max-upload-bytes", "--admin-token", "--allow-insecure-admin", "--api-key", "--auto-truncate",

@@ -116,8 +116,9 @@ class TeiModelType(BaseModel):
 
 
 class TeiInfo(BaseModel):
-    model_id: str = Field(description="the base model the tasks share")
-    model_sha: Optional[str] = Field(description="the default task's version (null: no default task served)")
+    model_id: str = Field(description="the base model the tasks share (its hub id, or its folder)")
+    model_sha: Optional[str] = Field(description="the base model's hub commit (null: not from the hub cache)")
+    default_task_version: Optional[str] = Field(description="the default task's version (null: none served)")
     model_dtype: str
     served_model_name: str = Field(description="the default task, or the base model when none")
     model_type: TeiModelType = Field(description="the default task's labels (empty when none)")
@@ -169,7 +170,8 @@ async def info(s: ServicesDep) -> TeiInfo:
             pass
     labels = version.labels if version is not None else ()
     return TeiInfo(
-        model_id=base.path, model_sha=version.version if version else None,
+        model_id=base.source if base.source != "default" else base.path, model_sha=base.commit,
+        default_task_version=version.version if version else None,
         model_dtype=str(base.dtype).removeprefix("torch."),
         served_model_name=settings.default_task or base.path,
         model_type=TeiModelType(classifier=TeiClassifier(id2label={str(i): x for i, x in enumerate(labels)},

