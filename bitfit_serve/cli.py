@@ -1,8 +1,10 @@
-"""``bitfit-serve``: run the HTTP server, inspect a delta file, list a deltas folder.
+"""``bitfit-serve``: run the HTTP server, inspect a delta file, list a deltas folder, convert.
 
     bitfit-serve serve --model default --deltas deltas           # every flag also BITFIT_SERVE_<FLAG>
     bitfit-serve inspect deltas/sst2.safetensors --model default
     bitfit-serve tasks deltas
+    bitfit-serve import-peft ./adapter --task sst2 --out deltas/sst2.safetensors   # BEFT / LN tuning
+    bitfit-serve export deltas/sst2.safetensors --out exported/sst2                 # HF / ST folder
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pydantic import ValidationError
 from bitfit_serve import delta as delta_io
 from bitfit_serve.errors import InvalidDelta
 from bitfit_serve.logs import log_config
+from bitfit_serve.model.base import ModelNotFound
 from bitfit_serve.settings import ENV_PREFIX, Settings, explain
 from bitfit_serve.store import DeltaStore
 
@@ -70,9 +73,12 @@ def serve(**options) -> None:
     logging.config.dictConfig(config)
     if settings.threads is not None:
         torch.set_num_threads(settings.threads)  # process-wide, before any forward; the inference thread inherits it
-    engine = Engine.from_pretrained(None if settings.model == "default" else settings.model,
-                                    device=settings.device, dtype=settings.dtype,
-                                    forward_overhead_tokens=settings.forward_overhead_tokens)
+    try:
+        engine = Engine.from_pretrained(None if settings.model == "default" else settings.model,
+                                        device=settings.device, dtype=settings.dtype, revision=settings.revision,
+                                        forward_overhead_tokens=settings.forward_overhead_tokens)
+    except ModelNotFound as e:
+        raise typer.BadParameter(str(e), param_hint="--model") from None
     uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port,
                 log_level=settings.log_level.lower(), log_config=config)
 
@@ -152,3 +158,70 @@ def tasks(folder: Annotated[Path, typer.Argument(help="a deltas folder")]) -> No
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
         typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+
+
+@app.command()
+def export(
+    path: Annotated[Path, typer.Argument(help="a delta file (.safetensors)")],
+    out: Annotated[Path, typer.Option(help="the folder to write (must not exist, or be empty)")],
+    model: Annotated[Optional[str], typer.Option(help="the base the delta was trained on: a folder, a hub id, "
+                                                      "or 'default' (bundled MiniLM); default: the delta's "
+                                                      "base_model if it is a local folder, else the bundled "
+                                                      "MiniLM")] = None,
+) -> None:
+    """Write a delta as a folder standard loaders read: pooling 'pooler' -> a transformers
+    AutoModelForSequenceClassification folder; 'mean' / 'cls' -> a sentence-transformers folder."""
+    from transformers.utils import logging as hf_logging
+
+    from bitfit_serve.interop.hf_export import ExportError, export_delta
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # stderr carries the error line only
+    try:
+        exported = export_delta(path, out, model)
+    except (InvalidDelta, ExportError, ValueError, OSError) as e:
+        message = getattr(e, "message", None) or (f"{e.strerror}: {e.filename}" if isinstance(e, OSError)
+                                                  and e.strerror else str(e))
+        typer.echo(f"error: {' '.join(message.split())}", err=True)  # one line
+        raise typer.Exit(1)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    typer.echo(f"wrote {exported.path} ({exported.form}, pooling {exported.pooling}, "
+               f"{exported.problem_type}, labels {', '.join(exported.labels)})")
+    typer.echo("load it with:\n" + exported.usage)
+
+
+@app.command("import-peft")
+def import_peft(
+    adapter: Annotated[Path, typer.Argument(help="a PEFT adapter folder (adapter_config.json + "
+                                                 "adapter_model.safetensors): BEFT or LN_TUNING")],
+    task: Annotated[str, typer.Option(help="the task name of the delta")],
+    model: Annotated[Optional[str], typer.Option(help="the base to serve on ('default' = bundled MiniLM); default: "
+                                                      "the adapter's base_model_name_or_path if local")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="the delta file to write (default: <task>.safetensors)")] = None,
+    pooling: Annotated[Optional[str], typer.Option(help="pooler, cls or mean: required only for a head of a "
+                                                        "custom model class")] = None,
+    label: Annotated[Optional[list[str]], typer.Option("--label", "--labels", help="label names in class order "
+                                                       "(repeat, or comma-separated)")] = None,
+    problem_type: Annotated[Optional[str], typer.Option(help="single_label_classification, "
+                                                             "multi_label_classification or regression")] = None,
+    input_name: Annotated[Optional[list[str]], typer.Option("--input", help="input field name(s); two for a "
+                                                            "sentence-pair task (default: text)")] = None,
+    max_length: Annotated[int, typer.Option(help="token limit for truncation")] = 128,
+) -> None:
+    """Convert a Hugging Face PEFT adapter (BEFT or LN tuning + a saved classifier) into a delta file."""
+    from bitfit_serve.errors import BitfitError
+    from bitfit_serve.interop.peft_import import import_peft as convert
+
+    labels = [name.strip() for value in label or () for name in value.split(",") if name.strip()]
+    try:
+        imported = convert(adapter, task, model=model, pooling=pooling, labels=labels or None,
+                           problem_type=problem_type, inputs=tuple(input_name or ("text",)), max_length=max_length)
+        path = delta_io.save(imported.delta, out or Path(f"{imported.delta.task}.safetensors"))
+    except (BitfitError, OSError, ValueError) as e:  # + a --model that cannot be loaded, an unwritable --out
+        typer.echo(f"error: {' '.join(str(getattr(e, 'message', e)).split())}", err=True)  # one line
+        raise typer.Exit(1)
+    for warning in imported.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+    typer.echo(f"imported {imported.peft_type} adapter {adapter} -> {path}: {imported.summary()}")

@@ -12,8 +12,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from safetensors.torch import save as st_save
-
 import trainer
 from bitfit_serve import delta as delta_io
 from bitfit_serve.delta import Delta
@@ -97,16 +95,32 @@ def record_path(out: Path) -> Path:
     return out.with_name(out.name.removesuffix(".safetensors") + ".run.json")
 
 
-def write_checkpoint(result: RunResult, folder: Path) -> Path:
-    """``full``: the fine-tuned base as an HF folder + ``head.safetensors`` (+ tokenizer)."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    result.model.base.save_pretrained(folder)
-    result.tokenizer.save_pretrained(folder)
-    head = {"head.weight": result.model.head.weight.detach().contiguous(),
-            "head.bias": result.model.head.bias.detach().contiguous()}
-    delta_io.atomic_write(folder / "head.safetensors", st_save(head, metadata={"pooling": "see run.json"}))
-    return folder
+def write_checkpoint(result: RunResult, folder: Path, data: TaskData | None = None) -> Path:
+    """``full``: the fine-tuned base + its head as a folder a standard loader runs exactly as
+    trained (``bitfit_serve.interop.hf_export.write_model``): pooling ``pooler`` -> a transformers
+    ``AutoModelForSequenceClassification`` folder; ``mean`` / ``cls`` -> a sentence-transformers
+    folder whose ``encode`` returns the logits. A previous checkpoint in ``folder`` is replaced.
+    ``data`` names the labels and the problem type (without it: ``LABEL_i``, and one output
+    means regression)."""
+    from bitfit_serve.interop.hf_export import write_model
+
+    head = result.model.head
+    if data is not None:
+        labels, problem_type, inputs = data.labels, data.problem_type, data.inputs
+    else:
+        labels = tuple(f"LABEL_{i}" for i in range(head.out_features))
+        problem_type = "regression" if head.out_features == 1 else "single_label_classification"
+        inputs = ("text",)
+    if problem_type == "regression":
+        labels = ("score",) if len(labels) != 1 else labels
+    provenance = {"source": "bitfit-train full", "task": data.name if data is not None else "",
+                  "scheme": result.args.scheme, "base_model": str(result.model_path),
+                  "base_fingerprint": result.base_fingerprint, "architecture": result.config.model_type,
+                  "selected_epoch": result.selected_epoch, "trainer_version": trainer.__version__}
+    write_model(result.model.base, result.tokenizer, head.weight, head.bias, folder, pooling=result.args.pooling,
+                labels=labels, problem_type=problem_type, inputs=inputs, max_length=result.args.max_length,
+                task=provenance["task"], provenance=provenance, replace=True)
+    return Path(folder)
 
 
 def write_outputs(result: RunResult, data: TaskData, args: TrainArgs, base_model: str, out: Path,
@@ -122,7 +136,7 @@ def write_outputs(result: RunResult, data: TaskData, args: TrainArgs, base_model
     if args.scheme == "full":
         folder = out.with_name(out.name.removesuffix(".safetensors"))
         if write_model:
-            outputs["checkpoint"] = str(write_checkpoint(result, folder))
+            outputs["checkpoint"] = str(write_checkpoint(result, folder, data))
         rec_path = folder / "run.json" if write_model else record_path(out)
     else:
         if args.scheme in schemes.SERVABLE and write_model:

@@ -27,11 +27,11 @@ from fastapi import APIRouter, Depends, Response
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt
 
 from bitfit_serve.engine import Prediction
-from bitfit_serve.errors import InvalidInput, UnknownTask
+from bitfit_serve.errors import InvalidInput
 from bitfit_serve.http import inference
 from bitfit_serve.http.auth import require_api_key
 from bitfit_serve.http.schemas import error_responses
-from bitfit_serve.http.services import Services, ServicesDep
+from bitfit_serve.http.services import ServicesDep
 from bitfit_serve.registry import TaskVersion
 
 TAG = "hf-inference"
@@ -83,12 +83,12 @@ async def text_classification(task: str, body: HfRequest, response: Response, s:
     inputs = [_raw(item) for item in (body.inputs if listed else [body.inputs])]
     parameters = body.parameters or HfParameters()
     inference.check_limits(s.settings, [inputs])
-    before = _current(s, task)  # for the shape check's messages (run checks again, on its version)
+    before = inference.current_version(s, task)  # for the shape check's messages (run checks again, on its version)
     for i, item in enumerate(inputs if before is not None else ()):
         _check_shape(item, before, f"inputs[{i}]" if listed else "inputs")
     (predictions,) = await inference.run(s, [(task, inputs)], parameters.truncation)
     response.headers["X-Task-Version"] = predictions[0].version
-    return [_scores(p, _version_of(s, task, before, p.version), parameters) for p in predictions]
+    return [_scores(p, inference.version_of(s, task, before, p.version), parameters) for p in predictions]
 
 
 def _raw(item: HfInput) -> str | list[str]:
@@ -105,27 +105,6 @@ def _check_shape(item: str | list[str], version: TaskVersion, where: str) -> Non
                            f'{{"text": "...", "text_pair": "..."}}')
     if not version.is_pair_task and not isinstance(item, str):
         raise InvalidInput(f"{where}: task {version.task!r} takes one text per input, not a text_pair")
-
-
-def _current(s: Services, task: str) -> TaskVersion | None:
-    """The task's version now, for the shape check; None if unknown (``run`` answers that: 404, or 503
-    before the server is ready, as on the native route)."""
-    try:
-        return s.tasks.get(task)
-    except UnknownTask:
-        return None
-
-
-def _version_of(s: Services, task: str, before: TaskVersion | None, version: str) -> TaskVersion:
-    """The task version that served a prediction (``before``, unless the task was replaced since)."""
-    if before is not None and before.version == version:
-        return before
-    now = _current(s, task)
-    if now is not None and now.version == version:
-        return now
-    if before is not None or now is not None:  # replaced again since: the same task's labels
-        return before or now  # type: ignore[return-value]
-    raise UnknownTask(f"task {task!r} was removed while serving the request")
 
 
 def _scores(p: Prediction, version: TaskVersion, parameters: HfParameters) -> list[HfLabelScore]:

@@ -10,11 +10,12 @@ from fastapi import APIRouter, Depends
 
 from bitfit_serve.batcher import Group
 from bitfit_serve.engine import Prediction
-from bitfit_serve.errors import InvalidInput, NotReady, PayloadTooLarge
+from bitfit_serve.errors import InvalidInput, NotReady, PayloadTooLarge, UnknownTask
 from bitfit_serve.http.auth import require_api_key
 from bitfit_serve.http.schemas import MixedPredictRequest, MixedPredictResponse, PredictRequest, TaskPredictions, \
     error_responses
 from bitfit_serve.http.services import Services, ServicesDep
+from bitfit_serve.registry import TaskVersion
 from bitfit_serve.settings import Settings
 
 router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)],
@@ -77,3 +78,24 @@ def check_limits(settings: Settings, inputs_per_item: Sequence[Sequence[str | Se
                     raise InvalidInput(f"{where}inputs[{i}]: not valid Unicode text") from None
 
 
+# ----------------------------------------------------------------------------- for the faces
+
+def current_version(s: Services, task: str) -> TaskVersion | None:
+    """The task's version now, for the shape check; None if unknown (``run`` answers that: 404, or 503
+    before the server is ready, as on the native route)."""
+    try:
+        return s.tasks.get(task)
+    except UnknownTask:
+        return None
+
+
+def version_of(s: Services, task: str, before: TaskVersion | None, version: str) -> TaskVersion:
+    """The task version that served a prediction (``before``, unless the task was replaced since)."""
+    if before is not None and before.version == version:
+        return before
+    now = current_version(s, task)
+    if now is not None and now.version == version:
+        return now
+    if before is not None or now is not None:  # replaced again since: the same task's labels
+        return before or now  # type: ignore[return-value]
+    raise UnknownTask(f"task {task!r} was removed while serving the request")

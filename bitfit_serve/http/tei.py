@@ -188,7 +188,7 @@ async def _predict(s: Services, task: str, body: TeiPredictRequest, response: Re
     batch = isinstance(body.inputs, list) and bool(body.inputs) and isinstance(body.inputs[0], list)
     sequences = body.inputs if batch else [body.inputs]
     inference.check_limits(s.settings, [sequences])
-    before = _current(s, task)  # for the shape check's messages (run checks again, on its version)
+    before = inference.current_version(s, task)  # for the shape check's messages (run checks again, on its version)
     inputs = [_input(seq, before, "inputs" if not batch else f"inputs[{i}]") for i, seq in enumerate(sequences)]
     (predictions,) = await inference.run(s, [(task, inputs)], body.truncate)
     if body.truncation_direction.lower() == "left":
@@ -196,7 +196,7 @@ async def _predict(s: Services, task: str, body: TeiPredictRequest, response: Re
             if p.truncated:
                 where = f"inputs[{i}]" if batch else "inputs"
                 raise InvalidInput(f"{where}: {p.tokens} tokens exceed task {task!r}'s max_length "
-                                   f"{_version_of(s, task, before, p.version).max_length} and "
+                                   f"{inference.version_of(s, task, before, p.version).max_length} and "
                                    f"truncation_direction 'Left' is not supported (inputs are cut on the right): "
                                    f"send truncation_direction 'Right', or a shorter input")
     response.headers["X-Task-Version"] = predictions[0].version
@@ -218,30 +218,9 @@ def _input(seq: str | list[str], version: TaskVersion | None, where: str) -> str
     return texts[0] if len(texts) == 1 else list(texts)
 
 
-def _current(s: Services, task: str) -> TaskVersion | None:
-    """The task's version now, for the shape check; None if unknown (``run`` answers that: 404, or 503
-    before the server is ready, as on the native route)."""
-    try:
-        return s.tasks.get(task)
-    except UnknownTask:
-        return None
-
-
-def _version_of(s: Services, task: str, before: TaskVersion | None, version: str) -> TaskVersion:
-    """The task version that served a prediction (``before``, unless the task was replaced since)."""
-    if before is not None and before.version == version:
-        return before
-    now = _current(s, task)
-    if now is not None and now.version == version:
-        return now
-    if before is not None or now is not None:  # replaced again since: the same task's labels
-        return before or now  # type: ignore[return-value]
-    raise UnknownTask(f"task {task!r} was removed while serving the request")
-
-
 def _scores(p: Prediction, s: Services, task: str, before: TaskVersion | None, raw: bool) -> list[TeiScore]:
     if p.value is not None:  # regression: its value under the task's one label
-        return [TeiScore(score=p.value, label=_version_of(s, task, before, p.version).labels[0])]
+        return [TeiScore(score=p.value, label=inference.version_of(s, task, before, p.version).labels[0])]
     assert p.scores is not None
     values = p.logits if raw else p.scores.values()
     scores = [TeiScore(score=v, label=label) for label, v in zip(p.scores, values)]

@@ -147,7 +147,13 @@ def test_full_writes_checkpoint(tiny_bert_dir, tmp_path):
     rec = export.write_outputs(result, data, args, str(tiny_bert_dir), tmp_path / "full.safetensors")
     folder = tmp_path / "full"
     assert (folder / "config.json").is_file() and (folder / "run.json").is_file()
-    assert set(load_file(folder / "head.safetensors")) == {"head.weight", "head.bias"}
+    # mean pooling: a sentence-transformers folder (Transformer -> Pooling -> Dense = the head)
+    head = load_file(folder / "2_Dense" / "model.safetensors")
+    assert torch.equal(head["linear.weight"], result.model.head.weight.detach())
+    st = pytest.importorskip("sentence_transformers")
+    logits = st.SentenceTransformer(str(folder), device="cpu").encode([e.texts[0] for e in data.dev],
+                                                                      convert_to_tensor=True)
+    torch.testing.assert_close(logits, _trainer_logits(result, data), rtol=1e-5, atol=1e-5)
     reloaded = AutoModel.from_pretrained(folder)
     name = "encoder.layer.0.attention.self.query.weight"
     assert torch.equal(dict(reloaded.named_parameters())[name], dict(result.model.base.named_parameters())[name])

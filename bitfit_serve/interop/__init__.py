@@ -1,0 +1,1 @@
+"""Interop with other tools' formats: PEFT adapters in (``peft_import``), standard model folders out (``hf_export``)."""
