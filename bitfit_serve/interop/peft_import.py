@@ -77,6 +77,9 @@ per row; IA3: its learned vectors *scale* activations and the delta format has n
 yet; prompt/prefix methods (prompt tuning, p-tuning, prefix tuning, ...): they add virtual
 tokens or key/value prefixes the shared forward does not take; any other or unknown method; a
 base mismatch; a missing or unservable head; tensors that are not sites and differ from the base.
+
+(About 480 lines: two PEFT methods, three head layouts and every refusal with its reason;
+this docstring, the format's documentation, is a third of it.)
 """
 
 from __future__ import annotations
