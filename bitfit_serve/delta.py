@@ -22,10 +22,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import re
 import struct
 import tempfile
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
@@ -43,6 +45,7 @@ PROBLEM_TYPES = ("single_label_classification", "multi_label_classification", "r
 POOLINGS = ("pooler", "cls", "mean")
 MAX_HEADER_BYTES = 1 << 20  # a MiniLM delta's header is ~10 KB; BERT-large's ~30 KB
 MAX_LENGTH_LIMIT = 8192
+MAX_METADATA_DEPTH = 16  # nesting of metrics / train_args (the trainer writes 3)
 # Task names become file names and URL segments: a strict allowlist, no dots first, no separators.
 # Matched whole (``is_task_name``): with ``match`` and ``$``, a trailing newline would pass.
 TASK_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
@@ -100,6 +103,8 @@ class DeltaMeta:
             raise InvalidDelta("labels: must be a non-empty list of non-empty strings")
         if len(set(self.labels)) != len(self.labels):
             raise InvalidDelta(f"labels: duplicate label names in {list(self.labels)}")
+        if len({unicodedata.normalize("NFC", x) for x in self.labels}) != len(self.labels):
+            raise InvalidDelta("labels: two labels are the same text in different Unicode forms (NFC/NFD)")
         if self.problem_type == "regression" and len(self.labels) != 1:
             raise InvalidDelta(f"labels: a regression task has exactly one output, got {len(self.labels)}")
         if self.problem_type == "single_label_classification" and len(self.labels) < 2:
@@ -108,6 +113,8 @@ class DeltaMeta:
             raise InvalidDelta(f"inputs: must name one or two text fields, got {list(self.inputs)}")
         if not isinstance(self.max_length, int) or not 2 <= self.max_length <= MAX_LENGTH_LIMIT:
             raise InvalidDelta(f"max_length: {self.max_length!r} must be an integer in [2, {MAX_LENGTH_LIMIT}]")
+        for f in fields(self):  # everything here is answered as JSON later: it must serialize now
+            _check_emittable(f.name, getattr(self, f.name))
 
     @property
     def num_labels(self) -> int:
@@ -166,6 +173,28 @@ class DeltaMeta:
 
 
 META_FIELDS = frozenset(f.name for f in fields(DeltaMeta))
+
+
+def _check_emittable(where: str, value: Any, depth: int = 0) -> None:
+    """Raise InvalidDelta unless ``value`` can be sent back as the API's JSON: UTF-8 text (no lone
+    surrogates), finite numbers, at most MAX_METADATA_DEPTH levels of nesting. A delta that parses
+    but cannot be listed would break ``GET /v1/tasks`` for every tenant, across restarts."""
+    if depth > MAX_METADATA_DEPTH:
+        raise InvalidDelta(f"{where}: nested deeper than {MAX_METADATA_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidDelta(f"{where}: not valid Unicode text (a lone surrogate)") from None
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidDelta(f"{where}: {value} is not a finite number (JSON has no NaN or Infinity)")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _check_emittable(f"{where}: a key", key, depth + 1)
+            _check_emittable(f"{where}.{key}" if len(where) < 200 else where, item, depth + 1)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            _check_emittable(where, item, depth + 1)
 
 
 @dataclass(frozen=True)

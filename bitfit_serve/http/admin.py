@@ -14,8 +14,9 @@ from bitfit_serve.errors import InvalidInput
 from bitfit_serve.http.auth import require_admin, require_api_key, valid_task_name
 from bitfit_serve.http.schemas import RemoveResponse, TaskInfo, TaskList, UploadResponse, error_responses
 from bitfit_serve.http.services import ServicesDep
+from bitfit_serve.http.strict import StrictJSONRoute
 
-router = APIRouter(tags=["tasks"])
+router = APIRouter(route_class=StrictJSONRoute, tags=["tasks"])
 ADMIN = dict(dependencies=[Depends(valid_task_name), Depends(require_admin)], tags=["admin"],
              responses=error_responses(400, 401, 403, 404, 413, 415, 422, 503))
 

@@ -76,6 +76,7 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(RequestValidationError)
     async def schema_error(request: Request, e: RequestValidationError) -> JSONResponse:
         problems = [f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', 'invalid')}"
+                    + (f" ({err['ctx']['error']})" if err.get("type") == "json_invalid" and err.get("ctx") else "")
                     for err in e.errors()[:5]]
         return respond(request, 400, InvalidInput.code, "invalid request: " + "; ".join(problems))
 

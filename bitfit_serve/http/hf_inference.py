@@ -33,6 +33,7 @@ from bitfit_serve.http.auth import require_api_key
 from bitfit_serve.http.schemas import error_responses
 from bitfit_serve.http.services import ServicesDep
 from bitfit_serve.registry import TaskVersion
+from bitfit_serve.http.strict import StrictJSONRoute
 
 TAG = "hf-inference"
 Function = Literal["softmax", "sigmoid", "none"]
@@ -72,7 +73,7 @@ class HfLabelScore(BaseModel):
     score: float
 
 
-router = APIRouter(tags=[TAG, "inference"], dependencies=[Depends(require_api_key)],
+router = APIRouter(route_class=StrictJSONRoute, tags=[TAG, "inference"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 403, 404, 413, 422, 503))
 
 

@@ -17,8 +17,9 @@ from bitfit_serve.http.schemas import MixedPredictRequest, MixedPredictResponse,
 from bitfit_serve.http.services import Services, ServicesDep
 from bitfit_serve.registry import TaskVersion
 from bitfit_serve.settings import Settings
+from bitfit_serve.http.strict import StrictJSONRoute
 
-router = APIRouter(tags=["inference"], dependencies=[Depends(require_api_key)],
+router = APIRouter(route_class=StrictJSONRoute, tags=["inference"], dependencies=[Depends(require_api_key)],
                    responses=error_responses(400, 401, 403, 404, 413, 422, 503))
 
 

@@ -52,7 +52,6 @@ from typing import Any, Callable, Coroutine, Literal, Sequence, Union
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
 
 from bitfit_serve import __version__
@@ -63,6 +62,7 @@ from bitfit_serve.http.auth import require_admin, require_api_key, valid_task_na
 from bitfit_serve.http.edge import ERROR_FORMATS
 from bitfit_serve.http.services import Services, ServicesDep
 from bitfit_serve.registry import TaskVersion
+from bitfit_serve.http.strict import StrictJSONRoute
 
 TAG = "kserve"
 PLATFORM = "bitfit-serve"
@@ -86,7 +86,7 @@ def kserve_errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": KServeError} for status in statuses}
 
 
-class KServeRoute(APIRoute):
+class KServeRoute(StrictJSONRoute):
     """Refuses the binary tensor extension before FastAPI reads the body as JSON (it would answer a
     bare "JSON decode error" to Triton's client, which sends binary tensors by default)."""
 

@@ -50,8 +50,9 @@ from bitfit_serve.http.auth import require_api_key
 from bitfit_serve.http.schemas import TextPair, error_responses
 from bitfit_serve.http.services import Services, ServicesDep
 from bitfit_serve.registry import TaskVersion
+from bitfit_serve.http.strict import StrictJSONRoute
 
-router = APIRouter(dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=StrictJSONRoute, dependencies=[Depends(require_api_key)])
 
 OWNER = "bitfit-serve"
 

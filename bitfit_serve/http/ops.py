@@ -10,8 +10,9 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from bitfit_serve.errors import NotReady
 from bitfit_serve.http.schemas import error_responses
 from bitfit_serve.http.services import ServicesDep
+from bitfit_serve.http.strict import StrictJSONRoute
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(route_class=StrictJSONRoute, tags=["operations"])
 
 
 @router.get("/health")

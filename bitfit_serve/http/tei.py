@@ -42,6 +42,7 @@ from bitfit_serve.http.auth import require_api_key
 from bitfit_serve.http.edge import ERROR_FORMATS
 from bitfit_serve.http.services import Services, ServicesDep
 from bitfit_serve.registry import TaskVersion
+from bitfit_serve.http.strict import StrictJSONRoute
 
 TAG = "tei"
 
@@ -137,7 +138,7 @@ class TeiInfo(BaseModel):
 
 
 # ----------------------------------------------------------------------------------------- routes
-router = APIRouter(tags=[TAG], dependencies=[Depends(require_api_key)])
+router = APIRouter(route_class=StrictJSONRoute, tags=[TAG], dependencies=[Depends(require_api_key)])
 PREDICT = dict(tags=["inference"], response_model=TeiPredictResponse,
                responses=_errors(401, 403, 404, 413, 422, 424, 429, 503))
 
