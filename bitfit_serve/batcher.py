@@ -32,7 +32,7 @@ from typing import Sequence
 
 from bitfit_serve.engine import Engine, Prediction
 from bitfit_serve.inputs import EncodedInput, TextInput
-from bitfit_serve.errors import InputTooLong, InvalidInput, NotReady, Overloaded
+from bitfit_serve.errors import InputTooLong, InvalidInput, NonFiniteOutput, NotReady, Overloaded
 from bitfit_serve.metrics import Metrics
 from bitfit_serve.registry import TaskVersion
 
@@ -232,7 +232,6 @@ class Batcher:
         self._state.overdue_at = time.monotonic() + STALL_S + STALL_FACTOR * self._s_per_token * tokens
         try:
             logits = engine.forward(engine.collate([s.encoded for s in batch], [s.version.row for s in batch]))
-            predictions = [engine.postprocess(s.version, logits[i], s.encoded) for i, s in enumerate(batch)]
         except Exception as e:  # a bug or an OOM fails this batch's requests, not the worker
             log.exception("forward failed for a batch of %d sequences", len(batch))
             for seq in batch:
@@ -246,8 +245,13 @@ class Batcher:
             self.metrics.forward_seconds.observe(elapsed)
             self.metrics.batch_size.observe(len(batch))
             self.metrics.batch_tokens.observe(tokens)
-        for seq, prediction in zip(batch, predictions):
-            self._account(seq, prediction=prediction)
+        for i, seq in enumerate(batch):
+            try:  # one sequence's bad output fails its own request only
+                prediction = engine.postprocess(seq.version, logits[i], seq.encoded)
+            except NonFiniteOutput as e:
+                self._account(seq, error=e)
+            else:
+                self._account(seq, prediction=prediction)
 
     def _account(self, seq: _Seq, prediction: Prediction | None = None, error: BaseException | None = None) -> None:
         """Record one sequence's outcome; the first error answers the request at once, the versions

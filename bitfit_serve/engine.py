@@ -20,7 +20,7 @@ import torch
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.delta import Delta, DeltaFile
-from bitfit_serve.errors import InputTooLong
+from bitfit_serve.errors import InputTooLong, NonFiniteOutput
 from bitfit_serve.inputs import FORWARD_OVERHEAD_TOKENS, EncodedInput, TextInput, collate, plan_batches, \
     split_pairs, tokenize
 from bitfit_serve.model.banks import Banks
@@ -56,7 +56,7 @@ class Engine:
         self.forward_overhead_tokens = forward_overhead_tokens
         base_sites = {name: base.weights[name] for name in base.site_shapes}
         self._banks = Banks(base_sites, base.hidden_size, base.device, base.dtype, initial_capacity)
-        self.tasks = Tasks(base, self._banks)
+        self.tasks = Tasks(base, self._banks, probe=self._probe)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, device: str = "cpu",
@@ -83,6 +83,14 @@ class Engine:
 
     def remove_task(self, task: str) -> TaskVersion:
         return self.tasks.remove(task)
+
+    def _probe(self, version: TaskVersion) -> bool:
+        """Whether a task's freshly written bank row gives finite outputs on a probe input (checked
+        before it is published: a head of 3e38 or a LayerNorm bias of 1e30 parses but answers NaN)."""
+        probe = [("probe", "probe")] if version.is_pair_task else ["probe"]
+        batch = self.collate(self.tokenize(version, probe), [version.row])
+        logits = forward(self.base, self._banks.view(), batch)[0, :len(version.labels)]  # not the batcher's path
+        return bool(torch.isfinite(logits).all())
 
     # ------------------------------------------------------------------ building blocks
     def tokenize(self, version: TaskVersion, inputs: Sequence[TextInput],
@@ -135,6 +143,9 @@ class Engine:
         """One row of logits -> the task's answer (softmax / sigmoid / raw value); ``encoded``,
         the sequence it came from, adds its token count and whether it was truncated."""
         logits = logits[: len(version.labels)]
+        if not torch.isfinite(logits).all():
+            raise NonFiniteOutput(f"task {version.task!r} (version {version.version}) produced non-finite outputs "
+                                  f"(NaN or Inf) for an input; its delta is broken")
         size = {} if encoded is None else {"tokens": encoded.tokens, "truncated": encoded.truncated}
         raw = tuple(float(x) for x in logits)
         if version.problem_type == "regression":

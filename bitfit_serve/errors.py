@@ -52,6 +52,20 @@ class InputTooLong(BitfitError):
     code = "input_too_long"
 
 
+class Conflict(BitfitError):
+    """The deltas folder holds something other than a delta file where the task's file belongs."""
+
+    status_code = 409
+    code = "conflict"
+
+
+class NonFiniteOutput(BitfitError):
+    """A task's head produced NaN or Inf for an input: that input fails, never a 200 with nulls."""
+
+    status_code = 500
+    code = "non_finite_output"
+
+
 class InvalidDelta(BitfitError):
     """A delta file that cannot be served: malformed, inconsistent, or not for this base model."""
 

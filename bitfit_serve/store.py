@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from bitfit_serve import delta as delta_io
-from bitfit_serve.errors import InvalidDelta
+from bitfit_serve.errors import Conflict, InvalidDelta
 
 SUFFIX = ".safetensors"
 
@@ -38,6 +38,14 @@ class DeltaStore:
         if not self.root.is_dir():
             return []
         return sorted(t for p in self.root.iterdir() if p.is_file() and (t := self.task_for_path(p)))
+
+    def require_file_slot(self, task: str) -> None:
+        """Raise Conflict unless the task's path holds a regular file or nothing (a directory or a
+        FIFO there would make a write or delete fail halfway)."""
+        path = self.path_for(task)
+        if (path.exists() or path.is_symlink()) and not (path.is_file() and not path.is_symlink()):
+            raise Conflict(f"{path} is not a regular file (a directory, link or device?): remove it from the "
+                           f"deltas folder first; nothing was changed")
 
     def read(self, task: str) -> bytes | None:
         """The file's bytes, or None if there is no file for ``task``."""

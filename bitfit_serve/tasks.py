@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Iterable, Literal
+from typing import Callable, Iterable, Literal
 
 from bitfit_serve import delta as delta_io
 from bitfit_serve.delta import Delta, DeltaFile
@@ -39,8 +39,10 @@ class Installed:
 
 
 class Tasks:
-    def __init__(self, base: BaseModel, banks: Banks, store: DeltaStore | None = None):
+    def __init__(self, base: BaseModel, banks: Banks, store: DeltaStore | None = None,
+                 probe: Callable[[TaskVersion], bool] | None = None):
         self.base = base
+        self._probe = probe  # a forward on a probe input: False when the row's outputs are not finite
         self.store = store  # None: tasks live in memory only (the Python API)
         self._banks = banks
         self._registry = TaskRegistry(free_row=banks.free)
@@ -87,6 +89,8 @@ class Tasks:
         file = file.renamed(name)
         self.check(file.delta)
         with self._lock:
+            if self.store:
+                self.store.require_file_slot(name)
             previous = self._registry.get(name) if name in self._registry else None
             old_bytes = self.store.read(name) if self.store else None
             if self.store:
@@ -104,6 +108,8 @@ class Tasks:
         """Stop serving ``name`` (404 from now on), free its row once idle, delete its file."""
         delta_io.check_task_name(name)
         with self._lock:
+            if self.store:
+                self.store.require_file_slot(name)  # before unpublishing: a refusal changes nothing
             removed = self._registry.unpublish(name)
             if self.store:
                 self.store.delete(name)
@@ -178,6 +184,10 @@ class Tasks:
         version = TaskVersion(meta=delta.meta, sha256=file.sha256, row=row,
                               max_length=min(delta.max_length, self.base.max_positions),
                               sites=tuple(sorted(delta.sites)), nbytes=delta.nbytes)
+        if self._probe is not None and not self._probe(version):
+            self._banks.free(row)
+            raise InvalidDelta(f"task {delta.task!r}: its values give non-finite outputs (NaN or Inf) on a probe "
+                               f"input; refusing to serve it")
         self._registry.publish(version)
         return version
 

@@ -67,3 +67,33 @@ def test_plan_drops_cancelled_requests(loop):
     gone[0].request.future.cancel()
     assert [[len(s) for s in b] for b in batcher._plan(kept + gone)] == [[3, 4]]
     assert gone[0].request.remaining == 0  # accounted for, so its versions get released
+
+
+def test_a_non_finite_output_fails_its_own_request_only(loop):
+    """Two requests in one forward; the first's output is NaN: it gets NonFiniteOutput, the
+    second its prediction (issue 19, finding 6)."""
+    import torch
+
+    from bitfit_serve.errors import NonFiniteOutput
+
+    class NanFirst(_FakeEngine):
+        def collate(self, encoded, rows):
+            return rows
+
+        def forward(self, rows):
+            return torch.tensor([[float("nan")], [1.0]])
+
+        def postprocess(self, version, logits, encoded):
+            if not torch.isfinite(logits).all():
+                raise NonFiniteOutput("nan")
+            return float(logits[0])
+
+    from types import SimpleNamespace
+
+    batcher = Batcher(NanFirst(), max_batch_tokens=100, max_batch_requests=8, max_queue=100)
+    (bad,), (good,) = _seqs([3], loop), _seqs([3], loop)
+    bad, good = (_Seq(s.request, s.index, s.encoded, SimpleNamespace(row=r)) for s, r in ((bad, 1), (good, 2)))
+    batcher._run_batch([bad, good])
+    loop.run_until_complete(asyncio.sleep(0))  # the futures are settled on their loop
+    assert isinstance(bad.request.future.exception(), NonFiniteOutput)
+    assert good.request.future.result() == [[1.0]]
