@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import AsyncIterator
@@ -17,6 +18,21 @@ from bitfit_serve.settings import Settings
 PAIR_TASK_KW = dict(inputs=("premise", "hypothesis"), num_labels=3)
 REGRESSION_KW = dict(problem_type="regression")
 MULTI_LABEL_KW = dict(problem_type="multi_label_classification", num_labels=3)
+KINDS = {"sst": {}, "nli": PAIR_TASK_KW, "sts": REGRESSION_KW, "tags": MULTI_LABEL_KW}  # one task of each kind
+
+
+def hold_forwards(engine: Engine, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make each forward wait for ``release``; ``entered`` is set once the worker holds a batch."""
+    entered, release = threading.Event(), threading.Event()
+    real_forward = engine.forward
+
+    def blocked_forward(batch):
+        entered.set()
+        release.wait(10)
+        return real_forward(batch)
+
+    monkeypatch.setattr(engine, "forward", blocked_forward)
+    return entered, release
 
 
 def write_delta(folder: Path, task: str, data: bytes) -> Path:

@@ -22,13 +22,12 @@ from bitfit_serve.engine import Engine
 from bitfit_serve.server import create_app
 from bitfit_serve.settings import Settings
 from tests.factories import SENTENCES
-from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, assert_error, serving, write_delta
+from tests.server.conftest import KINDS, assert_error, serving, write_delta
 
 hub = pytest.importorskip("huggingface_hub")
 from huggingface_hub.errors import HfHubHTTPError  # noqa: E402
 from huggingface_hub.utils import _http as hub_http  # noqa: E402
 
-KINDS = {"sst": {}, "nli": PAIR_TASK_KW, "sts": REGRESSION_KW, "tags": MULTI_LABEL_KW}
 PAIRS = [[SENTENCES[i], SENTENCES[i + 1]] for i in range(0, 6, 2)]
 KEY = "k3y"
 AUTH = {"Authorization": f"Bearer {KEY}"}

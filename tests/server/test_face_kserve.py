@@ -21,12 +21,11 @@ from bitfit_serve.engine import Engine
 from bitfit_serve.server import create_app
 from bitfit_serve.settings import Settings
 from tests.factories import SENTENCES
-from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, serving, write_delta
+from tests.server.conftest import KINDS, serving, write_delta
 
 pytestmark = pytest.mark.anyio
 
 PAIRS = [[SENTENCES[i], SENTENCES[i + 1]] for i in range(0, len(SENTENCES) - 1, 2)]
-KINDS = {"sst": {}, "nli": PAIR_TASK_KW, "sts": REGRESSION_KW, "tags": MULTI_LABEL_KW}
 LONG = " ".join(["word"] * 40)
 
 

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import math
-import threading
 
 import httpx
 import pytest
 
 from bitfit_serve import __version__
 from tests.factories import SENTENCES
-from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, serving, write_delta
+from tests.server.conftest import KINDS, hold_forwards, serving, write_delta
 
 pytestmark = pytest.mark.anyio
 
-KINDS = {"sst": {}, "nli": PAIR_TASK_KW, "sts": REGRESSION_KW, "tags": MULTI_LABEL_KW}
 PAIRS = [[SENTENCES[i], SENTENCES[i + 1]] for i in range(0, 6, 2)]
 LONG = " ".join(["word"] * 40)  # 42 tokens
 
@@ -27,20 +25,6 @@ def tasks(deltas_dir, delta_bytes):
         write_delta(deltas_dir, task, delta_bytes(task, **kw))
     write_delta(deltas_dir, "short", delta_bytes("short", max_length=8))
     return deltas_dir
-
-
-def hold_forwards(engine, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Each forward waits for ``release``; ``entered`` is set once the worker holds a batch."""
-    entered, release = threading.Event(), threading.Event()
-    real_forward = engine.forward
-
-    def blocked_forward(batch):
-        entered.set()
-        release.wait(10)
-        return real_forward(batch)
-
-    monkeypatch.setattr(engine, "forward", blocked_forward)
-    return entered, release
 
 
 def assert_tei_error(r: httpx.Response, status: int, error_type: str, *needles: str) -> dict:

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 
 import httpx
 import pytest
 
 from bitfit_serve.server import create_app
 from bitfit_serve.settings import Settings
-from tests.server.conftest import assert_error, serving, write_delta
+from tests.server.conftest import assert_error, hold_forwards, serving, write_delta
 
 pytestmark = pytest.mark.anyio
 
@@ -62,23 +61,9 @@ async def test_not_ready_before_the_lifespan(engine, deltas_dir):
         assert_error(await client.post("/v1/tasks/m/predict", json={"inputs": ["a"]}), 503, "not_ready")
 
 
-def _hold_forwards(engine, monkeypatch) -> tuple[threading.Event, threading.Event]:
-    """Make each forward wait for ``release``; ``entered`` is set once the worker holds a batch."""
-    entered, release = threading.Event(), threading.Event()
-    real_forward = engine.forward
-
-    def blocked_forward(batch):
-        entered.set()
-        release.wait(10)
-        return real_forward(batch)
-
-    monkeypatch.setattr(engine, "forward", blocked_forward)
-    return entered, release
-
-
 async def test_full_queue_answers_503_with_retry_after(engine, deltas_dir, delta_bytes, monkeypatch):
     write_delta(deltas_dir, "q", delta_bytes("q"))
-    entered, release = _hold_forwards(engine, monkeypatch)
+    entered, release = hold_forwards(engine, monkeypatch)
     async with serving(engine, deltas_dir, max_queue=4, retry_after_s=2) as client:
         def post(n: int):
             return client.post("/v1/tasks/q/predict", json={"inputs": ["text"] * n})
@@ -102,7 +87,7 @@ async def test_full_queue_refuses_before_reading_the_body(engine, deltas_dir, de
     task: still 503 overloaded), so refusing costs the event loop almost nothing; other routes and,
     once there is room, inference are served as usual."""
     write_delta(deltas_dir, "q", delta_bytes("q"))
-    entered, release = _hold_forwards(engine, monkeypatch)
+    entered, release = hold_forwards(engine, monkeypatch)
     async with serving(engine, deltas_dir, max_queue=4) as client:
         first = asyncio.create_task(client.post("/v1/tasks/q/predict", json={"inputs": ["a"]}))
         await asyncio.to_thread(entered.wait, 10)  # the worker holds the first request

@@ -8,12 +8,11 @@ import pytest
 
 from bitfit_serve.engine import Prediction
 from tests.factories import SENTENCES
-from tests.server.conftest import MULTI_LABEL_KW, PAIR_TASK_KW, REGRESSION_KW, assert_error, serving, write_delta
+from tests.server.conftest import KINDS, assert_error, serving, write_delta
 
 pytestmark = pytest.mark.anyio
 
 PAIRS = [[SENTENCES[i], SENTENCES[i + 1]] for i in range(0, len(SENTENCES) - 1, 2)]
-KINDS = {"sst": {}, "nli": PAIR_TASK_KW, "sts": REGRESSION_KW, "tags": MULTI_LABEL_KW}
 
 
 def _inputs(task: str) -> list:
