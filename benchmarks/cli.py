@@ -134,7 +134,8 @@ def write_result(args: argparse.Namespace, name: str, payload: dict, load_before
         "finished_at_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "environment": environment(args.device),
         "load_average_1min": {"before": load_before, "after": load_average()},
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        # paths relative to where the command ran: no machine's absolute path in a result
+        "settings": {k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         **payload,
     }
     out.write_text(json.dumps(record, indent=1) + "\n")
