@@ -20,7 +20,8 @@ import typer
 from trainer import schemes
 from trainer.data import TaskData, glue_task_name, load_files, load_glue, load_hf_folder, subsample
 from trainer.grid import Budget
-from trainer.train import BIAS_LR, FROZEN_LR, FULL_LR, LR_CANDIDATES, SCHEDULES, TrainArgs, default_lr
+from trainer.train import (BIAS_LR, FROZEN_LR, FULL_LR, LR_CANDIDATES, SCHEDULES, TrainArgs, bf16_supported,
+                           default_lr, resolve_device)
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train BitFit deltas and their variants; evaluate them through the serving engine.")
@@ -226,8 +227,11 @@ def grid(
     tables: str = typer.Option("1,3,2", help="tables to run, in priority order"),
     schemes_filter: Optional[str] = typer.Option(None, "--schemes", help="only these schemes (comma-separated)"),
     tasks_filter: Optional[str] = typer.Option(None, "--tasks", help="only these tasks (comma-separated)"),
+    rates_filter: Optional[str] = typer.Option(None, "--rates", help="only runs at these learning rates "
+                                               "(comma-separated, e.g. 3e-3): the likely winner of a sweep first"),
     seeds: int = typer.Option(Budget.seeds, help="seeds for bitfit/full on RTE, MRPC, CoLA, STS-B and Table 3"),
-    dtype: str = typer.Option(Budget.dtype, help="training autocast: bfloat16 or float32"),
+    dtype: str = typer.Option("auto", help="training autocast: bfloat16, float32, or auto (bfloat16 where "
+                                           "the hardware has bf16 instructions, else float32)"),
     rte_examples: int = typer.Option(0, help="train subsample, 0 = all"),
     mrpc_examples: int = typer.Option(0, help="train subsample, 0 = all"),
     cola_examples: int = typer.Option(0, help="train subsample, 0 = all"),
@@ -246,19 +250,23 @@ def grid(
 
     from trainer.grid import _records, plan, run_grid, write_tables
 
+    if dtype == "auto":
+        dtype = "bfloat16" if bf16_supported(resolve_device("auto")) else "float32"
     budget = Budget(seeds=seeds, dtype=dtype, rte_examples=rte_examples or None, mrpc_examples=mrpc_examples or None,
                     cola_examples=cola_examples or None, stsb_examples=stsb_examples or None,
                     sst2_examples=sst2_examples or None)
     order = tuple(t.strip() for t in tables.split(",") if t.strip())
     chosen_schemes = {x.strip() for x in schemes_filter.split(",")} if schemes_filter else None
     chosen_tasks = {glue_task_name(x.strip()) for x in tasks_filter.split(",")} if tasks_filter else None
+    chosen_rates = {float(x) for x in rates_filter.split(",")} if rates_filter else None
 
     def only(run) -> bool:
         return (chosen_schemes is None or run.scheme in chosen_schemes) and \
-            (chosen_tasks is None or run.task in chosen_tasks)
+            (chosen_tasks is None or run.task in chosen_tasks) and \
+            (chosen_rates is None or any(abs(run.lr - r) <= 1e-9 * r for r in chosen_rates))
 
     if dry_run:
-        records = _records(runs_dir)
+        records = _records(runs_dir, budget.dtype)
         for run in plan(budget, order, records):
             if only(run):
                 typer.echo(f"table {run.table}  {run.key}{'  (done)' if run.key in records else ''}")

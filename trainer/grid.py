@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import statistics
+from collections import Counter
 import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -167,9 +168,9 @@ def run_grid(budget: Budget, glue_dir: Path, runs_dir: Path, results_dir: Path, 
     tables = tuple(tables)
     claimed: set[str] = set()
     while True:
-        pending = [r for r in plan(budget, tables, _records(runs_dir))
-                   if r.key not in claimed and not (runs_dir / f"{r.key}.run.json").exists()
-                   and (only is None or only(r))]
+        records = _records(runs_dir, budget.dtype)
+        pending = [r for r in plan(budget, tables, records)
+                   if r.key not in claimed and r.key not in records and (only is None or only(r))]
         if not pending:
             break
         run = pending[0]
@@ -205,13 +206,29 @@ def run_grid(budget: Budget, glue_dir: Path, runs_dir: Path, results_dir: Path, 
 
 # ----------------------------------------------------------------------------- tables
 
-def _records(runs_dir: Path) -> dict[str, dict[str, Any]]:
+DTYPE_TAGS = {"bfloat16": "bf16", "float32": "f32"}
+
+
+def _records(runs_dir: Path, dtype: str | None = None) -> dict[str, dict[str, Any]]:
+    """The grid's run records by key. With ``dtype``, a run trained in the other precision stands
+    in for the same run (task, scheme, seed, rate, data) in ``dtype`` when that one has no record
+    of its own: a grid resumed on a machine without bf16 instructions (where bf16 autocast is
+    ~20x slower than fp32) keeps the runs done in bf16 elsewhere, and the other way round. Each
+    record keeps its own ``dtype``, which the tables count."""
     out = {}
     for path in sorted(Path(runs_dir).glob("*.run.json")):
         rec = json.loads(path.read_text())
         if "grid" in rec:
             out[rec["grid"]["key"]] = rec
-    return out
+    if dtype is None:
+        return out
+    wanted = DTYPE_TAGS[dtype]
+    stand_ins = {}
+    for key, rec in out.items():
+        stem, tag = key.rsplit("-", 1)
+        if tag != wanted and f"{stem}-{wanted}" not in out:
+            stand_ins[f"{stem}-{wanted}"] = rec
+    return {**out, **stand_ins}
 
 
 def _cell(recs: list[dict[str, Any]], metrics: tuple[str, ...]) -> dict[str, Any] | None:
@@ -246,7 +263,8 @@ def _fmt(cell: dict[str, Any] | None, metrics: tuple[str, ...]) -> str:
 def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
                  tables: Iterable[str] = ("1", "3", "2")) -> dict[str, Any]:
     """accuracy.json (every cell with all seed values, every sweep) and accuracy.md from the records."""
-    records = _records(runs_dir)
+    own_records = _records(runs_dir)  # the dtype check compares two real runs, never a stand-in
+    records = _records(runs_dir, budget.dtype)
     planned = plan(budget, tables, records)
 
     def table1_cell(task: str, scheme: str) -> dict[str, Any] | None:
@@ -276,14 +294,14 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
     t3 = {s: {str(n): cell("3", "sst2", s, n) for n in TABLE3_SIZES} for s in TABLE3}
     dtype_check = {}
     for r in planned:
-        if r.table == "dtype" and r.key in records:
+        if r.table == "dtype" and r.key in own_records:
             twin = Run("1", r.task, r.scheme, r.seed, r.lr, r.max_train_examples, budget.dtype).key
-            if twin in records:
-                metric = records[twin]["metric"]
-                dtype_check[r.task] = {"float32": records[r.key]["final"][metric],
-                                       budget.dtype: records[twin]["final"][metric], "metric": metric,
-                                       "wall_s_float32": records[r.key]["wall_s"],
-                                       f"wall_s_{budget.dtype}": records[twin]["wall_s"]}
+            if twin in own_records:
+                metric = own_records[twin]["metric"]
+                dtype_check[r.task] = {"float32": own_records[r.key]["final"][metric],
+                                       budget.dtype: own_records[twin]["final"][metric], "metric": metric,
+                                       "wall_s_float32": own_records[r.key]["wall_s"],
+                                       f"wall_s_{budget.dtype}": own_records[twin]["wall_s"]}
     done = [r for r in planned if r.key in records]
     first = records[done[0].key] if done else {}
     result = {
@@ -302,7 +320,7 @@ def write_tables(budget: Budget, runs_dir: Path, results_dir: Path,
                          "selected_epoch": records[r.key]["selected_epoch"],
                          "curve": [h["dev"][records[r.key]["metric"]] for h in records[r.key]["history"]],
                          "wall_s": records[r.key]["wall_s"], "n_train": records[r.key]["n_train"],
-                         "lr": r.lr, "dtype": r.dtype}
+                         "lr": r.lr, "dtype": records[r.key]["hardware"]["dtype"]}
                  for r in done},
     }
     results_dir.mkdir(parents=True, exist_ok=True)
@@ -461,7 +479,10 @@ def render_markdown(result: dict[str, Any]) -> str:
               f"- Hardware: {hw['processor']} ({hw.get('device', 'cpu')}), {hw['torch_threads']} torch threads, "
               f"torch {hw['torch']}. Every run so far on CPU (no GPU was lent to this task).",
               f"- Wall time: {_span(sessions)}; sum of per-run wall times {result['sum_of_run_wall_s']:.0f} s.",
-              f"- Training: {result['model']}; training forward in {b['dtype']} autocast (evaluation fp32, as "
+              f"- Training: {result['model']}; training forward in autocast: "
+              + ", ".join(f"{n} runs in {d}" for d, n in sorted(Counter(
+                  run["dtype"] for run in result["runs"].values()).items()))
+              + " (bf16 where the CPU has bf16 instructions, fp32 where it has not; evaluation fp32, as "
               "served; the dtype check above compares).",
               "- Train sets: " + ", ".join(
                   f"{DISPLAY[t]} {b[t + '_examples']:,} of {FULL_TRAIN[t]:,}" if b[t + "_examples"]

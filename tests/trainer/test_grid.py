@@ -4,7 +4,7 @@ import json
 
 
 from trainer.grid import Budget, Run, plan, write_tables
-from trainer.train import LR_CANDIDATES
+from trainer.train import LR_CANDIDATES, hardware
 
 
 def _fake_record(runs_dir, run, value, val=None):
@@ -14,14 +14,14 @@ def _fake_record(runs_dir, run, value, val=None):
                                         "sst2": "accuracy"}[run.task],
            "final": metrics, "val": val_metrics, "selected_epoch": 2, "history": [{"dev": metrics}] * 3,
            "wall_s": 10.0, "n_train": 100, "trainable_base_values": 25_728, "train_args": {"lr": run.lr},
-           "warnings": [], "grid": {"key": run.key}}
+           "warnings": [], "grid": {"key": run.key}, "hardware": {**hardware(), "dtype": run.dtype}}
     (runs_dir / f"{run.key}.run.json").write_text(json.dumps(rec))
 
 
-def _records(runs_dir):
+def _records(runs_dir, dtype=None):
     from trainer.grid import _records
 
-    return _records(runs_dir)
+    return _records(runs_dir, dtype)
 
 
 def test_plan_starts_with_bitfit_sweeps_and_adds_seeds_once_a_sweep_is_done(tmp_path):
@@ -75,6 +75,33 @@ def test_dtype_check_pairs_fp32_with_the_bf16_run(tmp_path):
     _fake_record(tmp_path, check[0], 29.0)
     result = write_tables(budget, tmp_path, tmp_path / "results")
     assert result["dtype_check"]["cola"]["float32"] == 28.0 and result["dtype_check"]["cola"]["bfloat16"] == 29.0
+
+
+def test_a_run_in_the_other_precision_stands_in_but_never_for_the_dtype_check(tmp_path):
+    """A grid resumed on a CPU without bf16 (budget float32) keeps the bf16 sweeps done elsewhere,
+    and the tables say how many runs used each precision; the fp32-vs-bf16 check needs two real runs."""
+    bf16, fp32 = Budget(), Budget(dtype="float32")
+    cola = [r for r in plan(bf16) if r.task == "cola" and r.scheme == "bitfit"]
+    for i, r in enumerate(cola):
+        _fake_record(tmp_path, r, 30.0 + i, val=30.0 + i)
+    pending = [r for r in plan(fp32, records=_records(tmp_path, "float32")) if r.task == "cola"]
+    assert all(r.dtype == "float32" for r in pending)
+    sweep = [r for r in pending if r.scheme == "bitfit" and r.seed == 0]
+    assert all(r.key in _records(tmp_path, "float32") for r in sweep)  # done, in bf16
+    assert all(r.key not in _records(tmp_path) for r in sweep)
+    seeds = [r for r in pending if r.scheme == "bitfit" and r.seed > 0]
+    assert [r.lr for r in seeds] == [cola[-1].lr] * 2  # the winner is read through the stand-ins
+    for r in seeds:
+        _fake_record(tmp_path, r, 40.0)
+    result = write_tables(fp32, tmp_path, tmp_path / "results")
+    assert result["table1"]["bitfit"]["cola"]["n_seeds"] == 3
+    assert "4 runs in bfloat16" in (tmp_path / "results" / "accuracy.md").read_text()
+    # Back on a bf16 machine: the fp32 seed runs stand in, and the dtype check (fp32 twin of the
+    # bf16 winner) is still planned: a bf16 record cannot pose as its own fp32 check.
+    check = [r for r in plan(bf16, records=_records(tmp_path, "bfloat16")) if r.table == "dtype"]
+    assert [(r.task, r.lr) for r in check] == [("cola", cola[-1].lr)]
+    assert check[0].key not in _records(tmp_path, "bfloat16")
+    assert write_tables(bf16, tmp_path, tmp_path / "results")["dtype_check"] == {}
 
 
 def test_hand_written_discussion_survives_rewrites(tmp_path):
