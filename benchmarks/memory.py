@@ -9,7 +9,7 @@ Each measurement runs in a fresh subprocess so nothing of an earlier one stays i
 * ``tasks N``: load the engine and the delta generator, read RSS, add N random BitFit deltas
   (generated one at a time and dropped), read RSS again. Bytes per task = (RSS after - RSS
   before) / N, against the arithmetic size of one bank row at the serving dtype
-  (``Tasks.bytes_per_task``: every banked site + the padded head). The bank capacity and bytes
+  (``Tasks.bank_bytes_of``: every banked site + the task's head slot). The bank capacity and bytes
   are recorded too, so over-allocation shows apart from allocator overhead.
 * ``models N`` (N = 1, 2, 4, 8): RSS of N ``AutoModelForSequenceClassification`` copies, each
   holding its own weights as N fine-tuned models would, the no-BitFit way to serve N tasks;
@@ -60,8 +60,9 @@ def child_tasks(args, n: int) -> dict:
     add_s = time.perf_counter() - start
     after = rss_bytes()
     engine.predict([(f"task{n - 1}", "a gripping film")] if n else [])  # the last task serves
+    one = engine.tasks.get(f"task{n - 1}") if n else engine.add_task(factory("sizing", seed=0))
     out = {"tasks": n, "rss_before": before, "rss_after": after, "bank_bytes": engine.tasks.bank_bytes,
-           "bank_capacity_rows": engine.tasks.capacity, "bytes_per_task_arithmetic": engine.tasks.bytes_per_task,
+           "bank_capacity_rows": engine.tasks.capacity, "bytes_per_task_arithmetic": engine.tasks.bank_bytes_of(one),
            "add_seconds_total": add_s, "sites_per_task": len(factory.base)}
     if cuda_before is not None:
         out["cuda_allocated_before"] = cuda_before

@@ -11,12 +11,19 @@ Life of a request (one HTTP call, any number of tasks):
    pinned); UnknownTask here is a 404;
 3. tokenization in a one-thread pool (the fast tokenizer's truncation state is not safe to share
    between threads), then its sequences join the queue;
-4. the inference thread takes a window of the oldest sequences, sorts it by length and cuts it
-   into batches of at most ``max_batch_tokens`` padded tokens (sequences x longest) and
+4. the inference thread takes a window of about one forward's worth of tokens, one sequence
+   from each waiting request in turn (round robin, requests in arrival order), so a request of
+   256 long texts is split across many windows and a one-text request that arrives behind it
+   joins the next window instead of waiting for all of it; it sorts the window by length and
+   cuts it into batches of at most ``max_batch_tokens`` padded tokens (sequences x longest) and
    ``max_batch_requests`` sequences, tasks mixed freely, and on a CPU also wherever padding
-   would cost more than another forward (``Engine.plan``); one ``engine.forward`` per batch;
+   would cost more than another forward (``Engine.plan``), shortest first; one
+   ``engine.forward`` per batch. A forward that fails is retried in halves down to the sequence
+   that fails it, so one bad sequence fails its own request only;
 5. each request's future resolves when its last sequence is done; its versions are released then
    (also if the client went away), never earlier.
+
+A request's work is bounded: ``max_tokens_per_request`` tokens after tokenization (413 past it).
 """
 
 from __future__ import annotations
@@ -25,21 +32,22 @@ import asyncio
 import logging
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Sequence
 
 from bitfit_serve.engine import Engine, Prediction
 from bitfit_serve.inputs import EncodedInput, TextInput
-from bitfit_serve.errors import InputTooLong, InvalidInput, NonFiniteOutput, NotReady, Overloaded
+from bitfit_serve.errors import InputTooLong, InvalidInput, NonFiniteOutput, NotReady, Overloaded, PayloadTooLarge
 from bitfit_serve.metrics import Metrics
 from bitfit_serve.registry import TaskVersion
 
 log = logging.getLogger(__name__)
 
-# The worker looks at most this many batches' worth of the queue at once: enough to sort lengths
-# into well-filled batches, small enough that a sequence waits a bounded number of batches.
+# A window holds at most this many batches' worth of sequences and one batch's worth of tokens:
+# enough to sort lengths into well-filled batches, small enough that a request arriving now
+# waits for about one forward, whatever is queued before it.
 WINDOW_BATCHES = 4
 # Watchdog: a forward is overdue (the worker hangs, readiness turns 503) after STALL_S plus
 # STALL_FACTOR x its expected time, estimated from earlier forwards' seconds per padded token
@@ -74,7 +82,8 @@ class _Seq:
 
 @dataclass
 class _State:
-    queue: deque[_Seq] = field(default_factory=deque)
+    # each waiting request's sequences not yet taken, requests in arrival order
+    waiting: OrderedDict[_Request, deque[_Seq]] = field(default_factory=OrderedDict)
     depth: int = 0  # sequences admitted and not yet taken into a batch (including tokenizing ones)
     stopping: bool = False
     exited: bool = False
@@ -83,8 +92,9 @@ class _State:
 
 class Batcher:
     def __init__(self, engine: Engine, *, max_batch_tokens: int, max_batch_requests: int, max_queue: int,
-                 retry_after_s: int = 1, metrics: Metrics | None = None):
+                 retry_after_s: int = 1, metrics: Metrics | None = None, max_tokens_per_request: int | None = None):
         self.engine = engine
+        self.max_tokens_per_request = max_tokens_per_request
         self.max_batch_tokens = max_batch_tokens
         self.max_batch_requests = max_batch_requests
         self.max_queue = max_queue
@@ -146,13 +156,17 @@ class Batcher:
             versions = self.engine.tasks.acquire(task for task, inputs in groups for _ in inputs)
             try:
                 encoded = await loop.run_in_executor(self._tokenizer, self._tokenize, versions, groups, truncate)
+                tokens = sum(len(e) for e in encoded)
+                if self.max_tokens_per_request is not None and tokens > self.max_tokens_per_request:
+                    raise PayloadTooLarge(f"the request's inputs are {tokens} tokens, over max_tokens_per_request="
+                                          f"{self.max_tokens_per_request}: split it into smaller requests")
                 request = _Request(loop, loop.create_future(), versions, [len(i) for _, i in groups],
                                    [None] * n, n)
                 with self._cond:
                     if self._state.stopping or self._state.exited:
                         raise NotReady("the inference worker is not running")
-                    self._state.queue.extend(_Seq(request, i, e, v)
-                                             for i, (e, v) in enumerate(zip(encoded, versions)))
+                    self._state.waiting[request] = deque(_Seq(request, i, e, v)
+                                                         for i, (e, v) in enumerate(zip(encoded, versions)))
                     self._cond.notify()
             except BaseException:
                 request = None
@@ -195,22 +209,35 @@ class Batcher:
             # Reached on stop, or if the worker dies: nobody may wait forever on a dead worker.
             with self._cond:
                 self._state.exited = True
-                leftovers = [*(s for batch in planned for s in batch), *self._state.queue]
-                self._state.queue.clear()
+                leftovers = [*(s for batch in planned for s in batch),
+                             *(s for seqs in self._state.waiting.values() for s in seqs)]
+                self._state.waiting.clear()
                 self._state.depth = 0
             error = NotReady("the inference worker stopped")
             for seq in leftovers:
                 self._account(seq, error=error)
 
     def _take_window(self) -> list[_Seq] | None:
+        """One sequence from each waiting request in turn, until the window holds one batch's
+        worth of tokens or WINDOW_BATCHES batches' worth of sequences (at least one sequence)."""
         with self._cond:
-            while not self._state.queue and not self._state.stopping:
+            waiting = self._state.waiting
+            while not waiting and not self._state.stopping:
                 self._cond.wait()
-            if not self._state.queue:
+            if not waiting:
                 return None
-            k = min(len(self._state.queue), self.max_batch_requests * WINDOW_BATCHES)
-            window = [self._state.queue.popleft() for _ in range(k)]
-            self._state.depth -= k
+            window: list[_Seq] = []
+            tokens, cap = 0, self.max_batch_requests * WINDOW_BATCHES
+            while waiting and len(window) < cap and (not window or tokens < self.max_batch_tokens):
+                for request in list(waiting):
+                    seqs = waiting[request]
+                    window.append(seqs.popleft())
+                    tokens += len(window[-1])
+                    if not seqs:
+                        del waiting[request]
+                    if len(window) == cap or tokens >= self.max_batch_tokens:
+                        break
+            self._state.depth -= len(window)
             return window
 
     def _plan(self, window: list[_Seq]) -> list[list[_Seq]]:
@@ -232,10 +259,17 @@ class Batcher:
         self._state.overdue_at = time.monotonic() + STALL_S + STALL_FACTOR * self._s_per_token * tokens
         try:
             logits = engine.forward(engine.collate([s.encoded for s in batch], [s.version.row for s in batch]))
-        except Exception as e:  # a bug or an OOM fails this batch's requests, not the worker
-            log.exception("forward failed for a batch of %d sequences", len(batch))
-            for seq in batch:
-                self._account(seq, error=e)
+        except Exception as e:  # a bug, an OOM, or one sequence the forward cannot take
+            self._state.overdue_at = None
+            if len(batch) > 1:  # find the culprit: the other requests of this forward are answered
+                log.warning("forward failed for a batch of %d sequences (%s); retrying it in halves",
+                            len(batch), e)
+                half = len(batch) // 2
+                self._run_batch(batch[:half])
+                self._run_batch(batch[half:])
+                return
+            log.exception("forward failed for one sequence of task %r", batch[0].version.task)
+            self._account(batch[0], error=e)
             return
         finally:
             self._state.overdue_at = None

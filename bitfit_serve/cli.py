@@ -62,6 +62,7 @@ def serve(**options) -> None:
     import uvicorn
 
     from bitfit_serve.engine import Engine
+    from bitfit_serve.http.connections import uvicorn_options
     from bitfit_serve.server import create_app
 
     try:
@@ -79,8 +80,9 @@ def serve(**options) -> None:
                                         forward_overhead_tokens=settings.forward_overhead_tokens)
     except ModelNotFound as e:
         raise typer.BadParameter(str(e), param_hint="--model") from None
-    uvicorn.run(create_app(engine, settings), host=settings.host, port=settings.port,
-                log_level=settings.log_level.lower(), log_config=config)
+    app = create_app(engine, settings)
+    # Address, keep-alive, header deadline and connection cap (bitfit_serve.http.connections).
+    uvicorn.run(app, **uvicorn_options(settings, app), log_level=settings.log_level.lower(), log_config=config)
 
 
 @app.command()
@@ -140,14 +142,18 @@ def inspect(
 def tasks(folder: Annotated[Path, typer.Argument(help="a deltas folder")]) -> None:
     """List the deltas a server would load from a folder (bad files are flagged)."""
     store = DeltaStore(folder)
-    names = store.scan()
+    names = store.scan(regular_only=False)  # a link or FIFO under a delta's name is listed, not read
     if not names:
         typer.echo(f"no deltas in {folder}")
         return
     rows = [("task", "version", "problem_type", "labels", "scheme", "bytes", "status")]
     for task in names:
         path = store.path_for(task)
-        data = path.read_bytes()
+        try:
+            data = store.read(task) or b""
+        except InvalidDelta as e:
+            rows.append((task, "-", "-", "-", "-", "-", f"not read: {e.message}"))
+            continue
         try:
             file = delta_io.parse(data, source=str(path))
             d = file.delta

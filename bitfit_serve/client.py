@@ -243,8 +243,10 @@ class _Base:
         return _Call("POST", "/v1/predict", lambda r: MixedPredictResponse.model_validate(r.json()).results,
                      json=body)
 
-    def _tasks(self) -> _Call:
-        return _Call("GET", "/v1/tasks", lambda r: TaskList.model_validate(r.json()).tasks)
+    def _tasks(self, after: str | None = None) -> _Call:
+        """One page of the listing (the server pages it: follow ``next``)."""
+        path = "/v1/tasks" if after is None else f"/v1/tasks?after={quote(after, safe='')}"
+        return _Call("GET", path, _model(TaskList))
 
     def _task(self, name: str) -> _Call:
         return _Call("GET", _task_path(name), _model(TaskInfo))
@@ -293,8 +295,13 @@ class Client(_Base):
         return self._send(self._predict_many(items, truncate))
 
     def tasks(self) -> list[TaskInfo]:
-        """GET /v1/tasks."""
-        return self._send(self._tasks())
+        """GET /v1/tasks, every page."""
+        page = self._send(self._tasks())
+        tasks = list(page.tasks)
+        while page.next is not None:
+            page = self._send(self._tasks(page.next))
+            tasks += page.tasks
+        return tasks
 
     def task(self, name: str) -> TaskInfo:
         """GET /v1/tasks/{name}."""
@@ -356,7 +363,13 @@ class AsyncClient(_Base):
         return await self._send(self._predict_many(items, truncate))
 
     async def tasks(self) -> list[TaskInfo]:
-        return await self._send(self._tasks())
+        """GET /v1/tasks, every page."""
+        page = await self._send(self._tasks())
+        tasks = list(page.tasks)
+        while page.next is not None:
+            page = await self._send(self._tasks(page.next))
+            tasks += page.tasks
+        return tasks
 
     async def task(self, name: str) -> TaskInfo:
         return await self._send(self._task(name))

@@ -102,6 +102,10 @@ class Engine:
         positions = positions or range(len(inputs))
         firsts, seconds = split_pairs(inputs, version.is_pair_task, version.task, version.meta.inputs, positions)
         encoded = tokenize(self.base.tokenizer, firsts, seconds, version.max_length)
+        for i, e in zip(positions, encoded):  # a guard: a longer sequence would fail its whole batch
+            if len(e) > version.max_length:
+                raise InputTooLong(f"inputs[{i}]: the tokenizer could not cut this input to task "
+                                   f"{version.task!r}'s max_length {version.max_length} ({len(e)} tokens)")
         if not truncate:
             for i, e in zip(positions, encoded):
                 if e.truncated:
@@ -116,7 +120,7 @@ class Engine:
                                     has_padding=padded.has_padding)
 
     def forward(self, batch: EncoderBatch) -> torch.Tensor:
-        """[B, C_max] fp32 logits on the CPU (padded columns are -inf)."""
+        """[B, W] fp32 logits on the CPU, W the batch's widest head class (padded columns are -inf)."""
         return forward(self.base, self._banks.view(), batch).float().cpu()
 
     def plan(self, lengths: Sequence[int], max_batch_size: int = MAX_BATCH_REQUESTS,
@@ -131,7 +135,7 @@ class Engine:
         ``plan`` (one forward each), so that short sequences are not padded to long ones."""
         batches = self.plan([len(e) for e in encoded], max_batch_size)
         parts = [self.forward(self.collate([encoded[i] for i in b], [rows[i] for i in b])) for b in batches]
-        # A task added between two forwards may widen the heads (C_max): pad the narrower parts.
+        # Batches of different head width classes give different widths: pad the narrower parts.
         width = max((part.shape[1] for part in parts), default=0)
         logits = torch.full((len(encoded), width), float("-inf"))
         for b, part in zip(batches, parts):

@@ -73,6 +73,14 @@ class InvalidDelta(BitfitError):
     code = "invalid_delta"
 
 
+class LimitExceeded(InvalidDelta):
+    """A delta within the format's rules but past one of the server's budgets (labels, metadata,
+    resident tasks, bank bytes): refused, nothing changed; the message names the setting."""
+
+    status_code = 413
+    code = "limit_exceeded"
+
+
 class BaseModelMismatch(InvalidDelta):
     """The delta was trained on a different base model (fingerprint or architecture differs)."""
 
@@ -88,6 +96,21 @@ class Overloaded(BitfitError):
     def __init__(self, message: str, retry_after: float = 1.0):
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class Busy(Overloaded):
+    """A capacity limit other than the queue is reached (max_concurrent_uploads, max_connections):
+    503 + Retry-After, the request's body unread."""
+
+    code = "busy"
+
+
+class RequestTimeout(BitfitError):
+    """The request did not arrive in time (body_timeout_s, or header_timeout_s for headers left
+    incomplete): 408, the request is not served and the connection is closed."""
+
+    status_code = 408
+    code = "request_timeout"
 
 
 class NotReady(BitfitError):

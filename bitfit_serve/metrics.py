@@ -42,6 +42,9 @@ class Metrics:
                                 registry=r)
         self.task_changes = Counter("bitfit_task_changes", "Task adds/replaces/removals by source and result.",
                                     ["source", "action"], registry=r)
+        self.connections_closed = Counter("bitfit_connections_closed",
+                                          "Connections the server closed before serving a request, by reason "
+                                          "(max_connections, header_timeout).", ["reason"], registry=r)
         self.per_task = per_task
         if per_task:
             self.task_sequences = Counter("bitfit_task_sequences", "Sequences served per task.", ["task"],

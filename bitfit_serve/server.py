@@ -17,11 +17,12 @@ from bitfit_serve import __version__
 from bitfit_serve.batcher import Batcher
 from bitfit_serve.engine import Engine
 from bitfit_serve.http import admin, hf_inference, inference, kserve, openai_compat, ops, tei
-from bitfit_serve.http.edge import BodyLimit, Observe, ShedLoad, install_error_handlers
+from bitfit_serve.http.edge import BodyLimit, BodyTimeout, Observe, ShedLoad, install_error_handlers
 from bitfit_serve.http.services import Services
 from bitfit_serve.metrics import Metrics
 from bitfit_serve.settings import Settings
 from bitfit_serve.store import DeltaStore
+from bitfit_serve.tasks import TaskLimits
 from bitfit_serve.watcher import DeltaWatcher
 
 log = logging.getLogger(__name__)
@@ -32,7 +33,8 @@ FACES = (inference, admin, ops, openai_compat, kserve, tei, hf_inference)
 
 
 def create_app(engine: Engine, settings: Settings) -> FastAPI:
-    engine.tasks.use_store(DeltaStore(settings.deltas))
+    engine.tasks.use_store(DeltaStore(settings.deltas, max_file_bytes=settings.max_upload_bytes))
+    engine.tasks.use_limits(TaskLimits.from_settings(settings))
     s = Services(engine, engine.tasks, settings, Metrics(settings.metrics_per_task))
     s.metrics.watch(queue_depth=lambda: s.batcher.queue_depth if s.batcher else 0,
                     resident_tasks=lambda: len(s.tasks), bank_bytes=lambda: s.tasks.bank_bytes)
@@ -42,7 +44,8 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
         settings.deltas.mkdir(parents=True, exist_ok=True)
         batcher = Batcher(engine, max_batch_tokens=settings.max_batch_tokens,
                           max_batch_requests=settings.max_batch_requests, max_queue=settings.max_queue,
-                          retry_after_s=settings.retry_after_s, metrics=s.metrics)
+                          retry_after_s=settings.retry_after_s, metrics=s.metrics,
+                          max_tokens_per_request=settings.max_tokens_per_request)
         batcher.start()
         s.batcher = batcher
         watcher = DeltaWatcher(s.tasks, s.metrics) if settings.watch else None
@@ -71,6 +74,7 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
     app.add_middleware(BodyLimit, routes=lambda: routes, limit_for=lambda scope: (
         ("max_upload_bytes", settings.max_upload_bytes) if scope["method"] == "PUT"
         else ("max_request_bytes", settings.max_request_bytes)))
+    app.add_middleware(BodyTimeout, timeout=settings.body_timeout_s)  # 408 once the body is late
     app.add_middleware(ShedLoad, batcher=lambda: s.batcher, metrics=s.metrics, routes=lambda: inference_routes)
     app.add_middleware(Observe, metrics=s.metrics)  # outermost: also counts the 413s and early 503s
     return app

@@ -16,8 +16,8 @@ import ipaddress
 from pathlib import Path
 from typing import Literal, Optional
 
-from pydantic import (Field, NonNegativeInt, PositiveInt, ValidationError, ValidationInfo, field_validator,
-                      model_validator)
+from pydantic import (Field, NonNegativeInt, PositiveFloat, PositiveInt, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "BITFIT_SERVE_"
@@ -58,9 +58,40 @@ class Settings(BaseSettings):
     max_chars_per_text: PositiveInt = Field(10_000, description="characters per text (each text of a pair on "
                                                                 "its own)")
     max_items_per_predict: PositiveInt = Field(64, description="items per POST /v1/predict")
+    max_tokens_per_request: PositiveInt = Field(65_536, description="tokens of one request's inputs after "
+                                                                    "tokenization (8 full forwards); long "
+                                                                    "requests are also split across forwards "
+                                                                    "so short ones are not stuck behind them")
     max_request_bytes: PositiveInt = Field(4 << 20, description="JSON body size cap")
     max_upload_bytes: PositiveInt = Field(16 << 20, description="delta upload size cap "
                                                                 "(a MiniLM delta is ~60-140 KB)")
+    # Connection limits (bitfit_serve.http.connections; the body deadline is http/edge.BodyTimeout).
+    header_timeout_s: PositiveFloat = Field(10.0, description="seconds for a request's headers to arrive, from "
+                                                              "the connection's start or its previous response; "
+                                                              "past it the connection is closed (408 if some "
+                                                              "bytes came)")
+    body_timeout_s: PositiveFloat = Field(30.0, description="seconds for a whole request body to arrive, from "
+                                                            "its headers; past it 408 request_timeout, the "
+                                                            "request is not served, the connection closed")
+    keep_alive_s: PositiveFloat = Field(5.0, description="seconds an idle keep-alive connection is kept open")
+    max_connections: PositiveInt = Field(1024, description="open connections; one more is answered 503 busy "
+                                                           "and closed at once")
+    max_concurrent_uploads: PositiveInt = Field(4, description="PUT /v1/tasks/{task} uploads at once; one more is "
+                                                               "answered 503 busy + Retry-After, body unread")
+    # Tenant budgets, checked when a delta is added (HTTP or folder): past one, 413 limit_exceeded
+    # naming it, and nothing changes. See bitfit_serve.tasks.TaskLimits.
+    max_tasks: PositiveInt = Field(10_000, description="resident tasks (a MiniLM task costs ~110 KB of banks)")
+    max_bank_bytes: PositiveInt = Field(4 << 30, description="bytes of all banks together (sites and heads)")
+    max_labels_per_task: PositiveInt = Field(1024, description="labels of one task")
+    max_label_chars: PositiveInt = Field(128, description="characters of one label")
+    max_metadata_bytes: PositiveInt = Field(16 << 10, description="bytes of a delta's metadata besides its labels "
+                                                                  "(metrics, train_args, ...; a trained delta "
+                                                                  "has ~1 KB)")
+    max_response_bytes: PositiveInt = Field(8 << 20, description="estimated bytes of one prediction response; "
+                                                                 "past it 413 before any work (ask fewer inputs "
+                                                                 "or scores=false)")
+    scores_max_labels: NonNegativeInt = Field(32, description="tasks with more labels answer without 'scores' "
+                                                              "unless the request sets scores=true")
     # Admin routes (PUT/DELETE /v1/tasks/{task}). With no token they are open, which is only
     # allowed on a loopback host unless allow_insecure_admin says otherwise.
     admin_token: Optional[str] = Field(None, description="token for PUT/DELETE /v1/tasks/{task} "
@@ -113,6 +144,11 @@ _CONSTRAINTS = {  # pydantic error type -> what the value must be
 }
 
 
+def _is_float(name: str) -> bool:
+    field = Settings.model_fields.get(name)
+    return field is not None and field.annotation is float
+
+
 def explain(error: ValidationError) -> str:
     """A :class:`Settings` error as one line, each problem naming its field:
     ``max_queue must be a positive integer, got 0``."""
@@ -121,6 +157,8 @@ def explain(error: ValidationError) -> str:
         field = ".".join(map(str, e["loc"]))
         if e["type"] == "value_error":  # from a validator above: its message says it all
             problems.append(str(e["ctx"]["error"]))
+        elif e["type"] == "greater_than" and e["ctx"]["gt"] == 0 and _is_float(field):
+            problems.append(f"{field} must be a positive number, got {e['input']!r}")
         elif e["type"] in _CONSTRAINTS:
             problems.append(f"{field} {_CONSTRAINTS[e['type']](e['ctx'])}, got {e['input']!r}")
         else:

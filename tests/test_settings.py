@@ -16,11 +16,16 @@ from bitfit_serve.settings import ENV_PREFIX, Settings
 runner = CliRunner()
 
 POSITIVE_INTS = ["max_batch_tokens", "max_batch_requests", "max_queue", "retry_after_s", "max_texts_per_request",
-                 "max_chars_per_text", "max_items_per_predict", "max_request_bytes", "max_upload_bytes"]
+                 "max_chars_per_text", "max_items_per_predict", "max_request_bytes", "max_upload_bytes",
+                 "max_connections", "max_concurrent_uploads", "max_tokens_per_request", "max_tasks", "max_bank_bytes",
+                 "max_labels_per_task", "max_label_chars", "max_metadata_bytes", "max_response_bytes"]
 FLAGS = ["--model", "--revision", "--deltas", "--host", "--port", "--device", "--dtype", "--threads", "--max-batch-tokens",
          "--max-batch-requests", "--forward-overhead-tokens", "--max-queue", "--retry-after-s",
-         "--max-texts-per-request", "--max-chars-per-text", "--max-items-per-predict", "--max-request-bytes",
-         "--max-upload-bytes", "--admin-token", "--allow-insecure-admin", "--api-key", "--auto-truncate",
+         "--max-texts-per-request", "--max-chars-per-text", "--max-items-per-predict", "--max-tokens-per-request",
+         "--max-request-bytes", "--max-tasks", "--max-bank-bytes", "--max-labels-per-task", "--max-label-chars",
+         "--max-metadata-bytes", "--max-response-bytes", "--scores-max-labels",
+         "--max-upload-bytes", "--header-timeout-s", "--body-timeout-s", "--keep-alive-s", "--max-connections",
+         "--max-concurrent-uploads", "--admin-token", "--allow-insecure-admin", "--api-key", "--auto-truncate",
          "--default-task", "--watch", "--metrics-per-task", "--log-level", "--log-format"]
 WIDE = {"COLUMNS": "400"}  # typer's rich help and errors: no wrapped or cut lines
 

@@ -7,6 +7,7 @@ routing errors keep their status (404 ``not_found``, 405, 413, 415). A 500 means
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Callable
@@ -22,14 +23,16 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from bitfit_serve.batcher import Batcher
-from bitfit_serve.errors import BitfitError, InvalidInput, NotReady, Overloaded, PayloadTooLarge, Unauthorized
+from bitfit_serve.errors import (BitfitError, InvalidInput, NotReady, Overloaded, PayloadTooLarge, RequestTimeout,
+                                 Unauthorized)
 from bitfit_serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
 # Codes for errors raised by routing / the HTTP layer itself rather than by the core.
 HTTP_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-              405: "method_not_allowed", 413: "payload_too_large", 415: "unsupported_media_type"}
+              405: "method_not_allowed", 408: RequestTimeout.code, 413: "payload_too_large",
+              415: "unsupported_media_type"}
 
 
 def _error(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -123,6 +126,41 @@ class BodyLimit:
             return message
 
         await self.app(scope, limited, send)
+
+
+class BodyTimeout:
+    """A request body must arrive whole within ``timeout`` seconds of its headers: one deadline for
+    the whole body, not a gap between chunks, so a body trickled at 1 byte/s fails it too. Past it
+    the read raises 408 ``request_timeout`` naming the setting (with ``Connection: close``): the
+    route never runs on a partial body. Waits after the body's end (for a disconnect) are not bounded.
+    The header deadline is the protocol's (``http.connections``)."""
+
+    def __init__(self, app: ASGIApp, timeout: float, name: str = "body_timeout_s"):
+        self.app = app
+        self.timeout = timeout
+        self.name = name
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        complete = False
+
+        async def timed() -> Message:
+            nonlocal complete
+            if complete:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"the request body did not arrive within {self.name}={self.timeout:g} s",
+                                    headers={"Connection": "close"}) from None
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
+            return message
+
+        await self.app(scope, timed, send)
 
 
 class ShedLoad:

@@ -27,8 +27,9 @@ router = APIRouter(route_class=StrictJSONRoute, tags=["inference"], dependencies
 async def predict(task: str, body: PredictRequest, s: ServicesDep) -> TaskPredictions:
     """Run one task on a list of texts (or text pairs)."""
     check_limits(s.settings, [body.inputs])
-    (predictions,) = await run(s, [(task, body.inputs)], body.truncate)
-    return TaskPredictions.of(task, predictions)
+    with_scores = scores_wanted(s, task, body.scores)
+    (predictions,) = await run(s, [(task, body.inputs)], body.truncate, [with_scores])
+    return TaskPredictions.of(task, predictions, with_scores)
 
 
 @router.post("/v1/predict", response_model=MixedPredictResponse, response_model_exclude_none=True)
@@ -38,18 +39,55 @@ async def predict_mixed(body: MixedPredictRequest, s: ServicesDep) -> MixedPredi
         raise PayloadTooLarge(f"{len(body.items)} items exceed max_items_per_predict="
                               f"{s.settings.max_items_per_predict}")
     check_limits(s.settings, [item.inputs for item in body.items])
-    results = await run(s, [(item.task, item.inputs) for item in body.items], body.truncate)
-    return MixedPredictResponse(results=[TaskPredictions.of(item.task, predictions)
-                                         for item, predictions in zip(body.items, results)])
+    with_scores = [scores_wanted(s, item.task, body.scores) for item in body.items]
+    results = await run(s, [(item.task, item.inputs) for item in body.items], body.truncate, with_scores)
+    return MixedPredictResponse(results=[TaskPredictions.of(item.task, predictions, scores)
+                                         for item, predictions, scores in zip(body.items, results, with_scores)])
 
 
-async def run(s: Services, groups: Sequence[Group], truncate: bool | None = None) -> list[list[Prediction]]:
+def scores_wanted(s: Services, task: str, asked: bool | None) -> bool:
+    """Whether the native answer carries every label's score: as asked, else for tasks of at most
+    ``scores_max_labels`` labels (a 1,000-label task's scores are ~40 KB per input)."""
+    if asked is not None:
+        return asked
+    version = current_version(s, task)
+    return version is None or len(version.labels) <= s.settings.scores_max_labels
+
+
+# Bytes of one prediction in any face's JSON, besides its labels: field names, numbers, quotes.
+PREDICTION_BYTES = 160
+SCORE_BYTES = 40  # one more label's score, besides the label's text
+
+
+def check_response_size(s: Services, groups: Sequence[Group], with_scores: Sequence[bool]) -> None:
+    """Refuse (413) before any work a request whose answer would exceed ``max_response_bytes``:
+    a small request to a task with wide or long labels can otherwise ask for a huge body."""
+    total = 0
+    for (task, inputs), scores in zip(groups, with_scores):
+        version = current_version(s, task)
+        if version is None:
+            continue  # unknown: ``run`` answers 404
+        labels = version.labels
+        per_input = PREDICTION_BYTES + max(len(x.encode()) for x in labels)
+        if scores:
+            per_input += sum(len(x.encode()) + SCORE_BYTES for x in labels)
+        total += len(inputs) * per_input
+    if total > s.settings.max_response_bytes:
+        raise PayloadTooLarge(f"the answer would be about {total} bytes, over max_response_bytes="
+                              f"{s.settings.max_response_bytes}: send fewer inputs" +
+                              (", or scores=false" if any(with_scores) else ""))
+
+
+async def run(s: Services, groups: Sequence[Group], truncate: bool | None = None,
+              with_scores: Sequence[bool] | None = None) -> list[list[Prediction]]:
     """Submit to the batcher and count the sequences per task: every face (native or not) comes
-    through here. ``truncate`` None: the server's ``auto_truncate``. Admission checks only that the
-    worker runs (submit raises NotReady otherwise); a slow forward makes /ready fail for load
-    balancers but must not reject requests already routed here."""
+    through here. ``truncate`` None: the server's ``auto_truncate``. ``with_scores``: whether each
+    group's answer lists every label's score (the faces' protocols always do), for the response
+    size check. Admission checks only that the worker runs (submit raises NotReady otherwise); a
+    slow forward makes /ready fail for load balancers but must not reject requests already routed here."""
     if s.batcher is None:
         raise NotReady("the server is not ready: the inference worker is not running")
+    check_response_size(s, groups, [True] * len(groups) if with_scores is None else with_scores)
     start = time.perf_counter()
     out = await s.batcher.submit(groups, s.settings.auto_truncate if truncate is None else truncate)
     sequences: Counter[str] = Counter()

@@ -21,10 +21,16 @@ Truncate = Annotated[bool | None, Field(description="cut inputs longer than the 
                                                     "the server's --auto-truncate); false: such an input is a 422")]
 
 
+Scores = Annotated[bool | None, Field(description="answer every label's probability in 'scores' (default: "
+                                                  "when the task has at most the server's scores_max_labels "
+                                                  "labels)")]
+
+
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     inputs: Inputs
     truncate: Truncate = None
+    scores: Scores = None
 
 
 class MixedItem(BaseModel):
@@ -37,6 +43,7 @@ class MixedPredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     items: list[MixedItem] = Field(min_length=1)
     truncate: Truncate = None
+    scores: Scores = None
 
 
 class PredictionOut(BaseModel):
@@ -54,10 +61,10 @@ class TaskPredictions(BaseModel):
     predictions: list[PredictionOut]
 
     @classmethod
-    def of(cls, task: str, predictions: list[Prediction]) -> "TaskPredictions":
+    def of(cls, task: str, predictions: list[Prediction], with_scores: bool = True) -> "TaskPredictions":
         return cls(task=task, version=predictions[0].version, predictions=[
-            PredictionOut(label=p.label, score=p.score, scores=p.scores, value=p.value, tokens=p.tokens,
-                          truncated=p.truncated) for p in predictions])
+            PredictionOut(label=p.label, score=p.score, scores=p.scores if with_scores else None, value=p.value,
+                          tokens=p.tokens, truncated=p.truncated) for p in predictions])
 
 
 class MixedPredictResponse(BaseModel):
@@ -93,13 +100,14 @@ class TaskInfo(BaseModel):
         return cls(task=m.task, version=v.version, sha256=v.sha256, problem_type=m.problem_type,
                    labels=list(m.labels), inputs=list(m.inputs), pooling=m.pooling, max_length=v.max_length,
                    scheme=m.scheme, metrics=dict(m.metrics), train_args=dict(m.train_args), bytes=v.nbytes,
-                   bank_bytes=tasks.bytes_per_task, sites=len(v.sites), base_model=m.base_model,
+                   bank_bytes=tasks.bank_bytes_of(v), sites=len(v.sites), base_model=m.base_model,
                    base_fingerprint=tasks.base.fingerprint, created_at=m.created_at,
                    trainer_version=m.trainer_version, loaded_at=v.loaded_at, **extra)
 
 
 class TaskList(BaseModel):
     tasks: list[TaskInfo]
+    next: str | None = Field(None, description="pass as ?after= for the next page; null on the last page")
 
 
 class UploadResponse(TaskInfo):

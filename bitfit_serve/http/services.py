@@ -23,6 +23,7 @@ class Services:
     settings: Settings
     metrics: Metrics
     batcher: Batcher | None = None
+    uploads: int = 0  # uploads in progress (http/admin.upload_slot caps them)
 
 
 def services(request: Request) -> Services:

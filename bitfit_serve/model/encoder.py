@@ -185,27 +185,57 @@ def _pooler(base: BaseModel, view: BankView, batch: EncoderBatch, cls: torch.Ten
 
 
 def classify(view: BankView, batch: EncoderBatch, pooled: torch.Tensor) -> torch.Tensor:
-    """[B, H] -> [B, C_max] logits: out[i] = head_w[rows[i]] @ pooled[i] + head_b[rows[i]].
+    """[B, H] -> [B, W] logits, W the widest head class in the batch:
+    out[i] = head_w[rows[i]] @ pooled[i] + head_b[rows[i]].
 
-    Columns beyond a row's label count are -inf, so softmax over the padded width is exact.
+    Columns beyond a row's label count are -inf, so softmax over the padded width is exact. Rows
+    whose heads share a width class (the usual case: every task binary or every task alike) take
+    one batched matmul; each other class present adds one.
     """
+    rows = batch.row_list or tuple(batch.rows.tolist())
     row = batch.single_row
     if row is not None:  # one task: one matmul with its head, no gathers
-        n, width = view.row_labels[row], view.head_weight.shape[1]
-        logits = F.linear(pooled, view.head_weight[row, :n], view.head_bias[row, :n])
-        return logits if n == width else F.pad(logits, (0, width - n), value=float("-inf"))
-    weight = view.head_weight.index_select(0, batch.rows)  # [B, C_max, H]
-    bias = view.head_bias.index_select(0, batch.rows)  # [B, C_max]
-    logits = torch.baddbmm(bias.unsqueeze(-1), weight, pooled.unsqueeze(-1)).squeeze(-1)
-    if batch.row_list and all(view.row_labels[r] == logits.shape[1] for r in batch.row_list):
+        if not view.row_width[row]:
+            return _headless(pooled)
+        n, head = view.row_labels[row], view.heads[view.row_width[row]]
+        slot = view.row_slot[row]
+        return F.linear(pooled, head.weight[slot, :n], head.bias[slot, :n])
+    widths = [view.row_width[r] for r in rows]
+    width = max(max(widths), 1)
+    if len(set(widths)) == 1:
+        logits = _heads_of(view, rows, width, pooled)
+    else:
+        logits = pooled.new_full((len(rows), width), float("-inf"))
+        for w in sorted(set(widths)):
+            idx = [i for i, x in enumerate(widths) if x == w]
+            at = torch.tensor(idx, device=pooled.device)
+            logits[at, :max(w, 1)] = _heads_of(view, [rows[i] for i in idx], w, pooled.index_select(0, at))
+    labels = [view.row_labels[r] for r in rows]
+    if all(n == width for n in labels):
         return logits  # every task uses the whole width: nothing to mask
-    columns = torch.arange(logits.shape[1], device=logits.device)
-    valid = columns.unsqueeze(0) < view.num_labels.index_select(0, batch.rows).unsqueeze(1)
+    valid = torch.arange(width, device=logits.device).unsqueeze(0) < torch.tensor(
+        labels, device=logits.device).unsqueeze(1)
     return logits.masked_fill(~valid, float("-inf"))
+
+
+def _headless(pooled: torch.Tensor) -> torch.Tensor:
+    """Rows with no head (row 0, the base, or a free row): one zero logit each."""
+    return pooled.new_zeros(pooled.shape[0], 1)
+
+
+def _heads_of(view: BankView, rows: Sequence[int], width: int, pooled: torch.Tensor) -> torch.Tensor:
+    """[b, H] -> [b, width]: each row through its head in the ``width`` class (one gather, one bmm)."""
+    if not width:
+        return _headless(pooled)
+    head = view.heads[width]
+    slots = torch.tensor([view.row_slot[r] for r in rows], device=pooled.device)
+    weight = head.weight.index_select(0, slots)  # [b, width, H]
+    bias = head.bias.index_select(0, slots)  # [b, width]
+    return torch.baddbmm(bias.unsqueeze(-1), weight, pooled.unsqueeze(-1)).squeeze(-1)
 
 
 @torch.inference_mode()
 def forward(base: BaseModel, view: BankView, batch: EncoderBatch) -> torch.Tensor:
-    """Token ids -> [B, C_max] logits, each row through its own task's values and head."""
+    """Token ids -> [B, W] logits, each row through its own task's values and head."""
     hidden = encode(base, view, batch)
     return classify(view, batch, pool(base, view, batch, hidden))

@@ -210,7 +210,9 @@ def test_32_concurrent_puts_live(tiny_bert_dir, tmp_path, delta_bytes, zygote):
     deltas = tmp_path / "deltas"
     bodies = [delta_bytes("race", seed=100 + i) for i in range(32)]
     sent = {delta_io.sha256_bytes(b)[:16] for b in bodies}
-    with LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", zygote=zygote) as server:
+    # all 32 at once: past the default --max-concurrent-uploads (4) they would be 503 busy
+    with LiveServer(tiny_bert_dir, deltas, tmp_path / "server.log", args=("--max-concurrent-uploads", "32"),
+                    zygote=zygote) as server:
         async def race():
             async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
                 return await asyncio.gather(*(client.put("/v1/tasks/race", content=b, headers=OCTET) for b in bodies))
@@ -230,7 +232,7 @@ def test_32_concurrent_puts_live(tiny_bert_dir, tmp_path, delta_bytes, zygote):
 async def test_32_concurrent_puts_in_memory(engine, deltas_dir, delta_bytes):
     bodies = [delta_bytes("race", seed=100 + i) for i in range(32)]
     write_delta(deltas_dir, "other", delta_bytes("other"))
-    async with serving(engine, deltas_dir) as client:
+    async with serving(engine, deltas_dir, max_concurrent_uploads=32) as client:
         responses = await asyncio.gather(*(client.put("/v1/tasks/race", content=b, headers=OCTET) for b in bodies))
         assert all(r.status_code in (200, 201) for r in responses)
         served = (await client.get("/v1/tasks/race")).json()
