@@ -22,7 +22,7 @@ import threading
 import time
 from contextlib import closing, contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import httpx
 import pytest
@@ -34,6 +34,7 @@ from bitfit_serve.server import create_app
 from bitfit_serve.settings import Settings
 
 SLACK = 2.0  # seconds a close may come after its deadline on a busy 2-core machine
+SERVED: dict[int, Any] = {}  # port -> the app ``live`` serves there, for a test that waits on its state
 
 
 @contextmanager
@@ -49,6 +50,7 @@ def live(engine: Engine, deltas: Path, **settings) -> Iterator[int]:
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
     thread.start()
+    SERVED[port] = app
     try:
         deadline = time.monotonic() + 30
         while not server.started:
@@ -56,6 +58,7 @@ def live(engine: Engine, deltas: Path, **settings) -> Iterator[int]:
             time.sleep(0.01)
         yield port
     finally:
+        SERVED.pop(port, None)
         server.should_exit = True
         thread.join(15)
         sock.close()
@@ -274,17 +277,20 @@ def test_uploads_past_max_concurrent_uploads_get_503_busy_before_their_body(engi
     with live(engine, deltas_dir, max_concurrent_uploads=1, body_timeout_s=30, header_timeout_s=30) as port:
         with closing(connect(port)) as holder:
             holder.sendall(upload_head("held", len(data)) + data[:len(data) // 2])  # takes the one slot
-            busy = None
-            for attempt in range(20):  # the holder's headers may not be processed yet: try again
-                with closing(connect(port)) as other:
-                    other.sendall(upload_head("other", len(data)))  # headers only: no body sent
-                    if select.select([other], [], [], 1.0)[0]:
-                        busy = read_response(other)
-                        break
-                    other.sendall(data)  # it got the slot: finish it, then retry
-                    assert read_response(other)[0] in (200, 201)
-                    httpx.delete(f"http://127.0.0.1:{port}/v1/tasks/other", timeout=10)
-            assert busy is not None, "no upload was refused while one held the only slot"
+            # Wait until the server counts the holder's upload: sent first is not slotted first (its sync
+            # dependencies run in the thread pool, and a later upload can overtake it and take the slot).
+            services = SERVED[port].state.services
+            deadline = time.monotonic() + 10 * SLACK
+            while services.uploads == 0:
+                assert not answered(holder), f"the holder was answered: {read_response(holder)}"
+                assert time.monotonic() < deadline, "the holder's upload never took the slot"
+                time.sleep(0.01)
+            with closing(connect(port)) as other:
+                other.sendall(upload_head("other", len(data)))  # headers only: no body sent
+                refused = select.select([other], [], [], 10 * SLACK)[0]
+                assert refused, "an upload was not refused while one held the only slot"
+                busy = read_response(other)
+            assert not answered(holder)  # still holding the slot, its body half sent
             status, headers, body = busy
             error = json.loads(body)["error"]
             assert status == 503 and error["code"] == "busy" and headers["retry-after"] == "1"
