@@ -80,7 +80,9 @@ POINTS = {
 FILE_POINTS = {"test_fuzz_api": "1 API fuzzing", "test_uploads": "2 uploads", "test_malformed_deltas": "2 uploads",
                "test_names": "3 names", "test_crash": "4 crash consistency", "test_attribution": "5 attribution",
                "test_overload": "6 overload", "test_churn": "7 no leaks", "test_soak": "7 no leaks",
-               "test_health": "8 health", "test_watch": "9 watched folder", "test_access": "10 access control"}
+               "test_health": "8 health", "test_watch": "9 watched folder", "test_access": "10 access control",
+               "test_folder": "9 watched folder", "test_tenants": "11 tenant isolation (issue 19)",
+               "test_connections": "12 connections (issue 19)"}
 SPECIFIC = {"invalid_delta", "base_model_mismatch", "invalid_input", "payload_too_large"}
 
 

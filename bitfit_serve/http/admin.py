@@ -27,13 +27,19 @@ ADMIN = dict(dependencies=[Depends(valid_task_name), Depends(require_admin)], ta
 
 @router.get("/v1/tasks", response_model=TaskList, dependencies=[Depends(require_api_key)],
             responses=error_responses(400, 401, 403))
-async def list_tasks(s: ServicesDep,
+async def list_tasks(s: ServicesDep, request: Request,
                      limit: Annotated[int, Query(ge=1, le=MAX_PAGE_TASKS, description="tasks per page")] = 100,
-                     after: Annotated[str | None, Query(description="the previous page's 'next': the page starts "
-                                                                    "after this task name")] = None) -> TaskList:
+                     after: Annotated[str, Query(description="the previous page's 'next': the page starts after "
+                                                             "this task name (empty: the first page)")] = "") -> TaskList:
     """Tasks in name order, a page at a time: at most ``limit`` tasks and about PAGE_BYTES of
     metadata (at least one task); ``next`` is the cursor of the following page, null at the end."""
-    versions = [v for v in s.tasks.list() if after is None or v.task > after]
+    unknown = sorted(set(request.query_params) - {"limit", "after"})
+    if unknown:
+        raise InvalidInput(f"unknown query parameter(s) {unknown}: this route takes limit and after")
+    repeated = sorted(k for k in request.query_params if len(request.query_params.getlist(k)) > 1)
+    if repeated:
+        raise InvalidInput(f"query parameter(s) {repeated} given more than once")
+    versions = [v for v in s.tasks.list() if v.task > after]
     page, size = [], 0
     for v in versions:
         if len(page) == limit or (page and size > PAGE_BYTES):

@@ -152,9 +152,10 @@ class BodyTimeout:
             nonlocal complete
             if complete:
                 return await receive()
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
+            try:  # asyncio.timeout_at: no task per receive, as wait_for would create
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
                 raise HTTPException(408, f"the request body did not arrive within {self.name}={self.timeout:g} s",
                                     headers={"Connection": "close"}) from None
             complete = message["type"] != "http.request" or not message.get("more_body", False)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 if TYPE_CHECKING:  # the client imports these models: no torch for it
     from bitfit_serve.engine import Prediction
@@ -17,11 +17,11 @@ Inputs = Annotated[list[Union[str, TextPair]], Field(
     examples=[["a gripping, beautifully made film"]])]
 
 
-Truncate = Annotated[bool | None, Field(description="cut inputs longer than the task's max_length (default: "
+Truncate = Annotated[StrictBool | None, Field(description="cut inputs longer than the task's max_length (default: "
                                                     "the server's --auto-truncate); false: such an input is a 422")]
 
 
-Scores = Annotated[bool | None, Field(description="answer every label's probability in 'scores' (default: "
+Scores = Annotated[StrictBool | None, Field(description="answer every label's probability in 'scores' (default: "
                                                   "when the task has at most the server's scores_max_labels "
                                                   "labels)")]
 
